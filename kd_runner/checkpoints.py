@@ -1,0 +1,48 @@
+"""Saving and loading model checkpoints (state dicts plus what is needed to rebuild them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_runner import __version__
+from kd_runner.errors import UserError
+from kd_runner.utils import atomic_torch_save
+
+
+def save(path: Path, model: nn.Module, model_cfg: DictConfig, input_shape, num_classes: int,
+         extra: nn.Module | None = None) -> int:
+    """Write a checkpoint atomically; return the size on disk in bytes."""
+    payload = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": {k: v.detach().cpu() for k, v in extra.state_dict().items()} if extra is not None else {},
+        "model_cfg": OmegaConf.to_container(model_cfg, resolve=True),
+        "input_shape": list(input_shape),
+        "num_classes": num_classes,
+        "kd_runner": __version__,
+    }
+    atomic_torch_save(payload, path)
+    return path.stat().st_size
+
+
+def load_weights(path: str | Path, model: nn.Module, role: str) -> str:
+    """Load a kd-runner checkpoint or a bare state dict into ``model``; one-line errors otherwise."""
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise UserError(f"{role}.checkpoint='{p}' does not exist; give a file saved by kd-train or torch.save")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise UserError(f"{role}.checkpoint='{p}' is not a readable torch checkpoint ({type(err).__name__})") from None
+    state = payload.get("model", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"{role}.checkpoint='{p}' holds no state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise UserError(f"{role}.checkpoint='{p}' does not fit {role} arch {type(model).__name__}: {first}") from None
+    return str(p.resolve())

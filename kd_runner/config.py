@@ -1,0 +1,70 @@
+"""Config checks that run before any training, so a bad value costs seconds, not a teacher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from kd_runner.engine import build_optimizer, build_scheduler
+from kd_runner.errors import UserError, choices
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+TEACHER_OUTPUTS = ("auto", "cache", "live")
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """Typed view of ``cfg.trainer``; construction validates every field."""
+
+    teacher_epochs: int
+    student_epochs: int
+    batch_size: int
+    eval_batch_size: int
+    device: str
+    num_threads: int | None
+    deterministic: bool
+    teacher_outputs: str
+    progress: bool
+    bench_iters: int
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> "Trainer":
+        t = cls(
+            teacher_epochs=_int(cfg, "teacher_epochs", 0),
+            student_epochs=_int(cfg, "student_epochs", 1),
+            batch_size=_int(cfg, "batch_size", 1),
+            eval_batch_size=_int(cfg, "eval_batch_size", 1),
+            device=str(cfg.device),
+            num_threads=None if cfg.get("num_threads") is None else _int(cfg, "num_threads", 1),
+            deterministic=bool(cfg.deterministic),
+            teacher_outputs=str(cfg.teacher_outputs),
+            progress=bool(cfg.progress),
+            bench_iters=_int(cfg, "bench_iters", 0),
+        )
+        if t.device not in DEVICES:
+            raise UserError(f"trainer.device={t.device!r} is invalid; valid: {choices(DEVICES)}")
+        if t.teacher_outputs not in TEACHER_OUTPUTS:
+            raise UserError(f"trainer.teacher_outputs={t.teacher_outputs!r} is invalid; valid: {choices(TEACHER_OUTPUTS)}")
+        return t
+
+
+def _int(cfg: DictConfig, key: str, minimum: int) -> int:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"trainer.{key}={value!r} is invalid; it must be an integer >= {minimum}")
+    return value
+
+
+def validate(cfg: DictConfig) -> Trainer:
+    """Check the parts of the config that are not checked where they are built."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise UserError(f"seed={cfg.seed!r} is invalid; it must be an integer")
+    frac = cfg.dataset.get("val_fraction") or 0.0
+    if not isinstance(frac, (int, float)) or not 0.0 <= float(frac) < 1.0:
+        raise UserError(f"dataset.val_fraction={frac!r} is invalid; it must be in [0, 1)")
+    trainer = Trainer.from_cfg(cfg.trainer)
+    probe = torch.nn.Parameter(torch.zeros(1))
+    build_scheduler(cfg.scheduler, build_optimizer(cfg.optimizer, [probe]), max(1, trainer.student_epochs))
+    return trainer

@@ -1,0 +1,64 @@
+"""Decode-once cache: a decoded dataset is saved as tensors and loaded in one read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kd_runner.data.tensors import Split
+from kd_runner.utils import atomic_torch_save, stable_hash
+
+Decoded = dict[str, object]
+
+
+def cache_dir() -> Path:
+    """Where decoded tensors go: ``KD_CACHE_DIR`` or ``outputs/.cache``."""
+    return Path(os.environ.get("KD_CACHE_DIR", "outputs/.cache")).expanduser()
+
+
+def source_fingerprint(files: list[Path]) -> dict:
+    """Cheap identity of a file tree: count, total size, newest mtime."""
+    size, newest = 0, 0.0
+    for f in files:
+        st = f.stat()
+        size += st.st_size
+        newest = max(newest, st.st_mtime)
+    return {"files": len(files), "bytes": size, "mtime": round(newest, 3)}
+
+
+def cached_decode(key: dict, decode: Callable[[], Decoded], enabled: bool = True) -> tuple[Decoded, bool]:
+    """Return ``decode()``'s result, from disk when the same ``key`` was decoded before.
+
+    Returns ``(data, hit)``. Splits are stored as plain tensors.
+    """
+    if not enabled:
+        return decode(), False
+    path = cache_dir() / "datasets" / f"{key.get('kind', 'data')}-{stable_hash(key)}.pt"
+    if path.is_file():
+        try:
+            raw = torch.load(path, weights_only=False)
+            return _unpack(raw), True
+        except Exception:  # corrupt cache entry: decode again and overwrite
+            pass
+    data = decode()
+    atomic_torch_save(_pack(data, key), path)
+    return data, False
+
+
+def _pack(data: Decoded, key: dict) -> dict:
+    out: dict = {"key": key}
+    for k, v in data.items():
+        out[k] = {"images": v.images, "labels": v.labels} if isinstance(v, Split) else v
+    return out
+
+
+def _unpack(raw: dict) -> Decoded:
+    out: Decoded = {}
+    for k, v in raw.items():
+        if k == "key":
+            continue
+        out[k] = Split(v["images"], v["labels"]) if isinstance(v, dict) and "images" in v else v
+    return out

@@ -1,0 +1,110 @@
+"""In-memory uint8 image tensors: decode once, normalise batched on the training device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class Split:
+    """Images as uint8 (N, C, H, W) and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        assert self.images.dtype == torch.uint8 and self.images.dim() == 4, self.images.shape
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def subset(self, idx: torch.Tensor) -> "Split":
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class DataBundle:
+    """Everything a run needs to know about its data."""
+
+    name: str
+    train: Split
+    test: Split
+    val: Split | None
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    source: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.image_size)
+
+
+class Normalizer:
+    """uint8 batch -> float, (x/255 - mean) / std, on whatever device the batch is on."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean.device != x.device:
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x.float().div_(255.0) - self.mean) / self.std
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, uint8 images, labels)``; the order comes from ``generator`` only."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        yield idx, split.images[idx], split.labels[idx]
+
+
+def carve_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
+    """Seeded split of the training set into train/val for model selection."""
+    if fraction <= 0:
+        return train, None
+    n = len(train)
+    n_val = max(1, int(round(n * fraction)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return train.subset(perm[n_val:]), train.subset(perm[:n_val])
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of uint8 images in [0, 1] units, computed in chunks."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    count = 0
+    for start in range(0, images.shape[0], 4096):
+        x = images[start : start + 4096].double().div_(255.0)
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]

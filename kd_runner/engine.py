@@ -1,0 +1,221 @@
+"""The one train/eval loop shared by teacher, baseline and every distillation method."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from kd_runner.data.tensors import Normalizer, Split, batches
+from kd_runner.errors import UserError, choices
+from kd_runner.methods import Method, Outputs
+from kd_runner.taps import Taps
+
+
+def set_train_mode(model: nn.Module, training: bool) -> None:
+    """``model.train(training)``, but frozen backbones (``kd_frozen``) stay in eval mode."""
+    model.train(training)
+    for m in getattr(model, "kd_frozen", []):
+        m.eval()
+
+
+def build_optimizer(cfg: DictConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    name = str(cfg.name)
+    lr, wd = float(cfg.lr), float(cfg.get("weight_decay", 0.0))
+    if lr <= 0:
+        raise UserError(f"optimizer.lr={lr:g} is invalid; it must be > 0")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.0)),
+                               nesterov=bool(cfg.get("nesterov", False)))
+    raise UserError(f"optimizer.name={name!r} is unknown; valid: {choices(['adam', 'adamw', 'sgd'])}")
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int):
+    name = str(cfg.name)
+    if name == "none":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs),
+                                                          eta_min=float(cfg.get("eta_min", 0.0)))
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(cfg.step_size), gamma=float(cfg.gamma))
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=float(cfg.factor),
+                                                          patience=int(cfg.patience))
+    raise UserError(f"scheduler.name={name!r} is unknown; valid: {choices(['none', 'cosine', 'step', 'plateau'])}")
+
+
+@dataclass
+class Env:
+    """What every phase shares: device, normaliser, batch sizes, progress bar switch."""
+
+    device: torch.device
+    normalize: Normalizer
+    batch_size: int
+    eval_batch_size: int
+    progress: bool = True
+
+    def prepare(self, images: Tensor) -> Tensor:
+        return self.normalize(images.to(self.device, non_blocking=True))
+
+
+class TeacherOutputs:
+    """Serves a frozen teacher's logits and tapped features for a training batch.
+
+    ``cache`` mode runs the teacher once over the training split and indexes the result
+    (valid only when training views are deterministic); ``live`` runs it on each batch.
+    """
+
+    def __init__(self, teacher: nn.Module, taps: list[str], env: Env, split: Split, mode: str) -> None:
+        self.teacher, self.taps, self.env, self.mode = teacher, taps, env, mode
+        self.cache: Outputs | None = None
+        self.cache_seconds = 0.0
+        set_train_mode(teacher, False)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if mode == "cache":
+            start = time.perf_counter()
+            self.cache = self._run_over(split)
+            self.cache_seconds = time.perf_counter() - start
+
+    def _forward(self, x: Tensor) -> Outputs:
+        with torch.no_grad(), Taps(self.teacher, self.taps, "teacher") as taps:
+            logits = self.teacher(x)
+            return Outputs(logits, taps.take())
+
+    def _run_over(self, split: Split) -> Outputs:
+        logits, feats = [], {n: [] for n in self.taps}
+        for _, xb, _ in batches(split, self.env.eval_batch_size, shuffle=False):
+            out = self._forward(self.env.prepare(xb))
+            logits.append(out.logits)
+            for n in self.taps:
+                feats[n].append(out.feats[n])
+        return Outputs(torch.cat(logits), {n: torch.cat(v) for n, v in feats.items()})
+
+    def __call__(self, idx: Tensor, x: Tensor) -> Outputs:
+        if self.cache is None:
+            return self._forward(x)
+        idx = idx.to(self.cache.logits.device)
+        return Outputs(self.cache.logits[idx], {n: v[idx] for n, v in self.cache.feats.items()})
+
+
+@torch.no_grad()
+def predict_accuracy(model: nn.Module, split: Split, env: Env) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``split``, in eval mode."""
+    was_training = model.training
+    set_train_mode(model, False)
+    correct = torch.zeros((), dtype=torch.long, device=env.device)
+    for _, xb, yb in batches(split, env.eval_batch_size, shuffle=False):
+        correct += (model(env.prepare(xb)).argmax(1) == yb.to(env.device)).sum()
+    set_train_mode(model, was_training)
+    return 100.0 * int(correct) / max(1, len(split))
+
+
+def probe_shapes(model: nn.Module, names: list[str], split: Split, env: Env, role: str) -> dict[str, torch.Size]:
+    """Shapes of the tapped layers for a 2-image batch (drives regressor construction)."""
+    if not names:
+        return {}
+    was_training = model.training
+    set_train_mode(model, False)
+    with torch.no_grad(), Taps(model, names, role) as taps:
+        model(env.prepare(split.images[:2]))
+        shapes = {n: t.shape for n, t in taps.take().items()}
+    set_train_mode(model, was_training)
+    return shapes
+
+
+@dataclass
+class PhaseResult:
+    history: list[dict] = field(default_factory=list)
+    best_state: dict | None = None
+    best_val_acc: float | None = None
+    best_epoch: int | None = None
+    train_seconds: float = 0.0
+
+
+def fit(
+    phase: str,
+    model: nn.Module,
+    method: Method,
+    train: Split,
+    val: Split | None,
+    env: Env,
+    *,
+    epochs: int,
+    optimizer_cfg: DictConfig,
+    scheduler_cfg: DictConfig,
+    seed: int,
+    teacher: TeacherOutputs | None = None,
+    extra: nn.Module | None = None,
+) -> PhaseResult:
+    """Train ``model`` (and ``extra``) with ``method`` for ``epochs``; track best-on-val weights."""
+    extra = extra if extra is not None else nn.ModuleDict()
+    model.to(env.device)
+    extra.to(env.device)
+    params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
+    optimizer = build_optimizer(optimizer_cfg, params)
+    scheduler = build_scheduler(scheduler_cfg, optimizer, epochs)
+    order = torch.Generator().manual_seed(seed)  # batch order: identical for baseline and student
+    result = PhaseResult()
+    start = time.perf_counter()
+    with Taps(model, method.student_taps, "student") as taps:
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            set_train_mode(model, True)
+            extra.train()
+            sums: dict[str, Tensor] = {}
+            correct = torch.zeros((), dtype=torch.long, device=env.device)
+            seen = 0
+            n_batches = math.ceil(len(train) / env.batch_size)
+            bar = tqdm(batches(train, env.batch_size, shuffle=True, generator=order), total=n_batches,
+                       desc=f"{phase} {epoch}/{epochs}", disable=not env.progress, leave=False, dynamic_ncols=True)
+            for step, (idx, xb, yb) in enumerate(bar):
+                x, y = env.prepare(xb), yb.to(env.device, non_blocking=True)
+                t_out = teacher(idx, x) if teacher is not None else None
+                logits = model(x)
+                losses = method.loss(Outputs(logits, taps.take()), t_out, y, extra)
+                optimizer.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                optimizer.step()
+                n = y.shape[0]
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach() * n
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += n
+                if env.progress and (step % 20 == 0 or step == n_batches - 1):
+                    bar.set_postfix(loss=f"{float(sums['total']) / seen:.4f}", acc=f"{100.0 * int(correct) / seen:.2f}")
+            row = {"phase": phase, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+            row.update({f"train_{k}" if k != "total" else "train_loss": float(v) / seen for k, v in sums.items()})
+            row["train_acc"] = 100.0 * int(correct) / seen
+            if not math.isfinite(row["train_loss"]):
+                raise UserError(f"{phase}: training loss became {row['train_loss']} at epoch {epoch}; "
+                                f"lower optimizer.lr (now {optimizer_cfg.lr}) or the loss weights")
+            if val is not None:
+                row["val_acc"] = predict_accuracy(model, val, env)
+                if result.best_val_acc is None or row["val_acc"] > result.best_val_acc:
+                    result.best_val_acc, result.best_epoch = row["val_acc"], epoch
+                    result.best_state = {"model": copy.deepcopy(model.state_dict()),
+                                         "extra": copy.deepcopy(extra.state_dict())}
+            if scheduler is not None:
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(row.get("val_acc", row["train_acc"]))
+                else:
+                    scheduler.step()
+            row["epoch_seconds"] = time.perf_counter() - t0
+            result.history.append(row)
+            if env.progress:
+                shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                                 if k not in ("phase", "epoch_seconds"))
+                tqdm.write(f"[{phase}] {shown} ({row['epoch_seconds']:.1f}s)")
+    result.train_seconds = time.perf_counter() - start
+    return result

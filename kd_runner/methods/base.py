@@ -1,0 +1,52 @@
+"""The method interface: what a method taps, what it adds, and how it scores a batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from kd_runner.errors import UserError
+
+
+@dataclass
+class Outputs:
+    """A model's logits plus the tapped layers' outputs for one batch."""
+
+    logits: Tensor
+    feats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and implement ``loss``.
+
+    ``student_taps``/``teacher_taps`` name layers read through forward hooks;
+    ``extra_modules`` returns trainable pieces (e.g. a regressor) built once the tapped
+    shapes are known; they are optimised and saved with the student.
+    """
+
+    name = "base"
+    needs_teacher = True
+
+    def __init__(self, ce_weight: float = 1.0) -> None:
+        self.ce_weight = nonneg("ce_weight", ce_weight)
+        self.student_taps: list[str] = []
+        self.teacher_taps: list[str] = []
+
+    def extra_modules(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> nn.Module:
+        return nn.ModuleDict()
+
+    def loss(self, student: Outputs, teacher: Outputs | None, targets: Tensor, extra: nn.Module) -> dict[str, Tensor]:
+        """Return ``{"total": ..., <part>: ...}``; every part is logged per epoch."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def nonneg(name: str, value: float) -> float:
+    value = float(value)
+    if value < 0:
+        raise UserError(f"method.{name}={value:g} is invalid; loss weights must be >= 0")
+    return value

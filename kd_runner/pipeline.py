@@ -1,0 +1,154 @@
+"""The phases of one run: data -> teacher -> CE baseline -> distilled student -> evaluate -> report."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_runner import checkpoints, inference, report
+from kd_runner.config import validate
+from kd_runner.data import build_data
+from kd_runner.data.tensors import DataBundle
+from kd_runner.engine import Env, PhaseResult, TeacherOutputs, fit, predict_accuracy, probe_shapes
+from kd_runner.methods import CE, build_method
+from kd_runner.methods.base import Method
+from kd_runner.models import build_model
+from kd_runner.utils import count_params, resolve_device, seed_everything, weights_hash
+
+# offsets keep each phase's RNG stream independent of the phases before it
+SEED_TEACHER, SEED_STUDENT_INIT, SEED_EXTRA, SEED_TRAIN = 0, 1, 2, 3
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run every phase for ``cfg``; write checkpoints and reports into ``run_dir``; return the report."""
+    wall0 = time.perf_counter()
+    trainer = validate(cfg)
+    seed = int(cfg.seed)
+    if trainer.num_threads:
+        torch.set_num_threads(trainer.num_threads)
+    torch.use_deterministic_algorithms(trainer.deterministic, warn_only=True)
+    device = resolve_device(trainer.device)
+    method = build_method(cfg.method)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    data = build_data(cfg.dataset, seed)
+    env = Env(device, _normalizer(data), trainer.batch_size, trainer.eval_batch_size, trainer.progress)
+    timings["data"] = time.perf_counter() - t0
+
+    # Build everything before training anything: bad layer names or shapes fail in seconds.
+    shape, classes = data.input_shape(), data.num_classes
+    teacher = None
+    if method.needs_teacher:
+        seed_everything(seed + SEED_TEACHER)
+        teacher = build_model(cfg.teacher, shape, classes).to(device)
+    seed_everything(seed + SEED_STUDENT_INIT)
+    student_init = build_model(cfg.student, shape, classes).to(device)
+    extra = _build_extra(method, student_init, teacher, data, env, seed)
+    init_hash = weights_hash(student_init)
+
+    models: dict[str, dict] = {}
+    histories: list[dict] = []
+    teacher_info: dict = {}
+    if teacher is not None:
+        t0 = time.perf_counter()
+        teacher_info, res = _teacher_phase(cfg, teacher, data, env, trainer, run_dir, seed)
+        timings["teacher"] = time.perf_counter() - t0
+        models["teacher"] = _evaluate("teacher", teacher, None, res, data, env, trainer, cfg.teacher, run_dir)
+        histories += res.history if res else []
+
+    if teacher is not None and cfg.baseline:
+        t0 = time.perf_counter()
+        baseline = copy.deepcopy(student_init)
+        seed_everything(seed + SEED_TRAIN)
+        res = fit("baseline", baseline, CE(), data.train, data.val, env, epochs=trainer.student_epochs,
+                  optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed)
+        timings["baseline"] = time.perf_counter() - t0
+        models["baseline"] = _evaluate("baseline", baseline, None, res, data, env, trainer, cfg.student, run_dir)
+        models["baseline"]["init_hash"] = init_hash
+        histories += res.history
+
+    t0 = time.perf_counter()
+    student = copy.deepcopy(student_init)
+    t_out = None
+    if teacher is not None:
+        mode = _teacher_output_mode(trainer.teacher_outputs, data)
+        t_out = TeacherOutputs(teacher, method.teacher_taps, env, data.train, mode)
+        teacher_info["outputs"] = mode
+        teacher_info["outputs_cache_seconds"] = round(t_out.cache_seconds, 3)
+    seed_everything(seed + SEED_TRAIN)
+    res = fit("student", student, method, data.train, data.val, env, epochs=trainer.student_epochs,
+              optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed, teacher=t_out, extra=extra)
+    del t_out
+    timings["student"] = time.perf_counter() - t0
+    models["student"] = _evaluate("student", student, extra, res, data, env, trainer, cfg.student, run_dir)
+    models["student"]["init_hash"] = init_hash
+    histories += res.history
+
+    timings["total"] = time.perf_counter() - wall0
+    return report.write(run_dir, cfg=cfg, data=data, method=method, models=models, teacher=teacher_info,
+                        histories=histories, timings=timings, device=device)
+
+
+def _normalizer(data: DataBundle):
+    from kd_runner.data.tensors import Normalizer
+
+    return Normalizer(data.mean, data.std)
+
+
+def _build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, data: DataBundle,
+                 env: Env, seed: int) -> nn.Module:
+    """Resolve taps on both models and let the method build its trainable extras for those shapes."""
+    s_shapes = probe_shapes(student, method.student_taps, data.train, env, "student")
+    t_shapes = probe_shapes(teacher, method.teacher_taps, data.train, env, "teacher") if teacher is not None else {}
+    seed_everything(seed + SEED_EXTRA)
+    return method.extra_modules(s_shapes, t_shapes).to(env.device)
+
+
+def _teacher_output_mode(requested: str, data: DataBundle) -> str:
+    """Cache teacher outputs unless training views are random (then the teacher must see the same view)."""
+    if requested != "auto":
+        return requested
+    return "live" if data.extra.get("random_augmentation") else "cache"
+
+
+def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, seed) -> tuple[dict, PhaseResult | None]:
+    ckpt = cfg.teacher.get("checkpoint")
+    if ckpt:
+        path = checkpoints.load_weights(ckpt, teacher, "teacher")
+        teacher.to(env.device)
+        return {"source": "checkpoint", "path": path}, None
+    seed_everything(seed + SEED_TRAIN)
+    res = fit("teacher", teacher, CE(), data.train, data.val, env, epochs=trainer.teacher_epochs,
+              optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed)
+    return {"source": "trained"}, res
+
+
+def _evaluate(role: str, model: nn.Module, extra: nn.Module | None, res: PhaseResult | None, data: DataBundle,
+              env: Env, trainer, model_cfg: DictConfig, run_dir: Path) -> dict:
+    """Test accuracy (last epoch and best-on-val), size, speed; save the checkpoint."""
+    t0 = time.perf_counter()
+    info: dict = {"arch": OmegaConf.to_container(model_cfg, resolve=True), "params": count_params(model),
+                  "test_acc": round(predict_accuracy(model, data.test, env), 4)}
+    ckpt = run_dir / "checkpoints" / f"{role}.pt"
+    info["size_bytes"] = checkpoints.save(ckpt, model, model_cfg, data.input_shape(), data.num_classes, extra)
+    info["checkpoint"] = str(ckpt.relative_to(run_dir))
+    if res is not None:
+        info["epochs"] = len(res.history)
+        info["train_seconds"] = round(res.train_seconds, 3)
+        if res.best_state is not None:
+            info["best_val_acc"], info["best_epoch"] = round(res.best_val_acc, 4), res.best_epoch
+            last = copy.deepcopy(model.state_dict())
+            model.load_state_dict(res.best_state["model"])
+            info["test_acc_best_val"] = round(predict_accuracy(model, data.test, env), 4)
+            checkpoints.save(run_dir / "checkpoints" / f"{role}_best.pt", model, model_cfg, data.input_shape(),
+                             data.num_classes, extra)
+            model.load_state_dict(last)
+    info.update(inference.measure(model, data.input_shape(), env.device, env.eval_batch_size, trainer.bench_iters))
+    info["eval_seconds"] = round(time.perf_counter() - t0, 3)
+    return info
