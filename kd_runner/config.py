@@ -26,11 +26,12 @@ class Trainer:
     num_threads: int | None
     deterministic: bool
     teacher_outputs: str
+    teacher_cache: bool
     progress: bool
     bench_iters: int
 
     @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> "Trainer":
+    def from_cfg(cls, cfg: DictConfig) -> Trainer:
         t = cls(
             teacher_epochs=_int(cfg, "teacher_epochs", 0),
             student_epochs=_int(cfg, "student_epochs", 1),
@@ -40,13 +41,16 @@ class Trainer:
             num_threads=None if cfg.get("num_threads") is None else _int(cfg, "num_threads", 1),
             deterministic=bool(cfg.deterministic),
             teacher_outputs=str(cfg.teacher_outputs),
+            teacher_cache=bool(cfg.get("teacher_cache", True)),
             progress=bool(cfg.progress),
             bench_iters=_int(cfg, "bench_iters", 0),
         )
         if t.device not in DEVICES:
             raise UserError(f"trainer.device={t.device!r} is invalid; valid: {choices(DEVICES)}")
         if t.teacher_outputs not in TEACHER_OUTPUTS:
-            raise UserError(f"trainer.teacher_outputs={t.teacher_outputs!r} is invalid; valid: {choices(TEACHER_OUTPUTS)}")
+            raise UserError(
+                f"trainer.teacher_outputs={t.teacher_outputs!r} is invalid; valid: {choices(TEACHER_OUTPUTS)}"
+            )
         return t
 
 

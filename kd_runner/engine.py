@@ -6,6 +6,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -16,6 +17,7 @@ from kd_runner.data.tensors import Normalizer, Split, batches
 from kd_runner.errors import UserError, choices
 from kd_runner.methods import Method, Outputs
 from kd_runner.taps import Taps
+from kd_runner.utils import atomic_torch_save
 
 
 def set_train_mode(model: nn.Module, training: bool) -> None:
@@ -141,6 +143,40 @@ class PhaseResult:
     best_val_acc: float | None = None
     best_epoch: int | None = None
     train_seconds: float = 0.0
+    resumed_from_epoch: int = 0
+
+
+def _save_state(path: Path, model, extra, optimizer, scheduler, order: torch.Generator, result: PhaseResult) -> None:
+    """Everything needed to continue bit-identically after this epoch, written atomically."""
+    atomic_torch_save({
+        "model": model.state_dict(), "extra": extra.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "order_rng": order.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "history": result.history, "best_state": result.best_state, "best_val_acc": result.best_val_acc,
+        "best_epoch": result.best_epoch, "train_seconds": result.train_seconds,
+    }, path)
+
+
+def _load_state(path: Path, model, extra, optimizer, scheduler, order: torch.Generator, result: PhaseResult) -> None:
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"resume state '{path}' is unreadable ({type(err).__name__}); delete it to start over"
+                        ) from None
+    model.load_state_dict(st["model"])
+    extra.load_state_dict(st["extra"])
+    optimizer.load_state_dict(st["optimizer"])
+    if scheduler is not None and st["scheduler"] is not None:
+        scheduler.load_state_dict(st["scheduler"])
+    order.set_state(st["order_rng"])
+    torch.set_rng_state(st["torch_rng"])
+    if st["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda_rng"])
+    result.history, result.best_state = st["history"], st["best_state"]
+    result.best_val_acc, result.best_epoch = st["best_val_acc"], st["best_epoch"]
+    result.train_seconds = st["train_seconds"]
+    result.resumed_from_epoch = len(result.history)
 
 
 def fit(
@@ -157,8 +193,13 @@ def fit(
     seed: int,
     teacher: TeacherOutputs | None = None,
     extra: nn.Module | None = None,
+    state_path: Path | None = None,
 ) -> PhaseResult:
-    """Train ``model`` (and ``extra``) with ``method`` for ``epochs``; track best-on-val weights."""
+    """Train ``model`` (and ``extra``) with ``method`` for ``epochs``; track best-on-val weights.
+
+    With ``state_path``, the full training state is saved after every epoch and a run that
+    finds it continues from there, giving the same numbers as an uninterrupted run.
+    """
     extra = extra if extra is not None else nn.ModuleDict()
     model.to(env.device)
     extra.to(env.device)
@@ -167,36 +208,15 @@ def fit(
     scheduler = build_scheduler(scheduler_cfg, optimizer, epochs)
     order = torch.Generator().manual_seed(seed)  # batch order: identical for baseline and student
     result = PhaseResult()
-    start = time.perf_counter()
+    if state_path is not None and state_path.is_file():
+        _load_state(state_path, model, extra, optimizer, scheduler, order, result)
+        if env.progress and result.resumed_from_epoch < epochs:
+            tqdm.write(f"[{phase}] resuming after epoch {result.resumed_from_epoch} from {state_path}")
     with Taps(model, method.student_taps, "student") as taps:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(len(result.history) + 1, epochs + 1):
             t0 = time.perf_counter()
-            set_train_mode(model, True)
-            extra.train()
-            sums: dict[str, Tensor] = {}
-            correct = torch.zeros((), dtype=torch.long, device=env.device)
-            seen = 0
-            n_batches = math.ceil(len(train) / env.batch_size)
-            bar = tqdm(batches(train, env.batch_size, shuffle=True, generator=order), total=n_batches,
-                       desc=f"{phase} {epoch}/{epochs}", disable=not env.progress, leave=False, dynamic_ncols=True)
-            for step, (idx, xb, yb) in enumerate(bar):
-                x, y = env.prepare(xb), yb.to(env.device, non_blocking=True)
-                t_out = teacher(idx, x) if teacher is not None else None
-                logits = model(x)
-                losses = method.loss(Outputs(logits, taps.take()), t_out, y, extra)
-                optimizer.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                optimizer.step()
-                n = y.shape[0]
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach() * n
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += n
-                if env.progress and (step % 20 == 0 or step == n_batches - 1):
-                    bar.set_postfix(loss=f"{float(sums['total']) / seen:.4f}", acc=f"{100.0 * int(correct) / seen:.2f}")
-            row = {"phase": phase, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-            row.update({f"train_{k}" if k != "total" else "train_loss": float(v) / seen for k, v in sums.items()})
-            row["train_acc"] = 100.0 * int(correct) / seen
+            row = _train_epoch(phase, epoch, epochs, model, extra, method, train, env, taps, optimizer, order,
+                               teacher)
             if not math.isfinite(row["train_loss"]):
                 raise UserError(f"{phase}: training loss became {row['train_loss']} at epoch {epoch}; "
                                 f"lower optimizer.lr (now {optimizer_cfg.lr}) or the loss weights")
@@ -206,16 +226,48 @@ def fit(
                     result.best_val_acc, result.best_epoch = row["val_acc"], epoch
                     result.best_state = {"model": copy.deepcopy(model.state_dict()),
                                          "extra": copy.deepcopy(extra.state_dict())}
-            if scheduler is not None:
-                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    scheduler.step(row.get("val_acc", row["train_acc"]))
-                else:
-                    scheduler.step()
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(row.get("val_acc", row["train_acc"]))
+            elif scheduler is not None:
+                scheduler.step()
             row["epoch_seconds"] = time.perf_counter() - t0
             result.history.append(row)
+            result.train_seconds += row["epoch_seconds"]
+            if state_path is not None:
+                _save_state(state_path, model, extra, optimizer, scheduler, order, result)
             if env.progress:
                 shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                  if k not in ("phase", "epoch_seconds"))
                 tqdm.write(f"[{phase}] {shown} ({row['epoch_seconds']:.1f}s)")
-    result.train_seconds = time.perf_counter() - start
     return result
+
+
+def _train_epoch(phase, epoch, epochs, model, extra, method, train, env, taps, optimizer, order, teacher) -> dict:
+    """One pass over ``train``; loss parts and accuracy accumulate on the device (no per-step sync)."""
+    set_train_mode(model, True)
+    extra.train()
+    sums: dict[str, Tensor] = {}
+    correct = torch.zeros((), dtype=torch.long, device=env.device)
+    seen = 0
+    n_batches = math.ceil(len(train) / env.batch_size)
+    bar = tqdm(batches(train, env.batch_size, shuffle=True, generator=order), total=n_batches,
+               desc=f"{phase} {epoch}/{epochs}", disable=not env.progress, leave=False, dynamic_ncols=True)
+    for step, (idx, xb, yb) in enumerate(bar):
+        x, y = env.prepare(xb), yb.to(env.device, non_blocking=True)
+        t_out = teacher(idx, x) if teacher is not None else None
+        logits = model(x)
+        losses = method.loss(Outputs(logits, taps.take()), t_out, y, extra)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        n = y.shape[0]
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.detach() * n
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += n
+        if env.progress and (step % 20 == 0 or step == n_batches - 1):
+            bar.set_postfix(loss=f"{float(sums['total']) / seen:.4f}", acc=f"{100.0 * int(correct) / seen:.2f}")
+    row = {"phase": phase, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+    row.update({f"train_{k}" if k != "total" else "train_loss": float(v) / seen for k, v in sums.items()})
+    row["train_acc"] = 100.0 * int(correct) / seen
+    return row

@@ -13,12 +13,15 @@ from torch import nn
 from kd_runner import checkpoints, inference, report
 from kd_runner.config import validate
 from kd_runner.data import build_data
+from kd_runner.data.cache import set_cache_dir
 from kd_runner.data.tensors import DataBundle
 from kd_runner.engine import Env, PhaseResult, TeacherOutputs, fit, predict_accuracy, probe_shapes
+from kd_runner.errors import UserError
 from kd_runner.methods import CE, build_method
 from kd_runner.methods.base import Method
 from kd_runner.models import build_model
-from kd_runner.utils import count_params, resolve_device, seed_everything, weights_hash
+from kd_runner.teacher_cache import TeacherStore, teacher_key
+from kd_runner.utils import atomic_write_text, count_params, resolve_device, seed_everything, weights_hash
 
 # offsets keep each phase's RNG stream independent of the phases before it
 SEED_TEACHER, SEED_STUDENT_INIT, SEED_EXTRA, SEED_TRAIN = 0, 1, 2, 3
@@ -35,8 +38,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(trainer.device)
     method = build_method(cfg.method)
     timings: dict[str, float] = {}
+    state_dir = claim_state_dir(run_dir, report.config_hash(cfg))
 
     t0 = time.perf_counter()
+    set_cache_dir(Path(str(cfg.paths.cache_dir)))
     data = build_data(cfg.dataset, seed)
     env = Env(device, _normalizer(data), trainer.batch_size, trainer.eval_batch_size, trainer.progress)
     timings["data"] = time.perf_counter() - t0
@@ -57,7 +62,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     teacher_info: dict = {}
     if teacher is not None:
         t0 = time.perf_counter()
-        teacher_info, res = _teacher_phase(cfg, teacher, data, env, trainer, run_dir, seed)
+        teacher_info, res = _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed)
         timings["teacher"] = time.perf_counter() - t0
         models["teacher"] = _evaluate("teacher", teacher, None, res, data, env, trainer, cfg.teacher, run_dir)
         histories += res.history if res else []
@@ -67,7 +72,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         baseline = copy.deepcopy(student_init)
         seed_everything(seed + SEED_TRAIN)
         res = fit("baseline", baseline, CE(), data.train, data.val, env, epochs=trainer.student_epochs,
-                  optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed)
+                  optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
+                  state_path=state_dir / "baseline.pt")
         timings["baseline"] = time.perf_counter() - t0
         models["baseline"] = _evaluate("baseline", baseline, None, res, data, env, trainer, cfg.student, run_dir)
         models["baseline"]["init_hash"] = init_hash
@@ -83,7 +89,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         teacher_info["outputs_cache_seconds"] = round(t_out.cache_seconds, 3)
     seed_everything(seed + SEED_TRAIN)
     res = fit("student", student, method, data.train, data.val, env, epochs=trainer.student_epochs,
-              optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed, teacher=t_out, extra=extra)
+              optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed, teacher=t_out, extra=extra,
+              state_path=state_dir / "student.pt")
     del t_out
     timings["student"] = time.perf_counter() - t0
     models["student"] = _evaluate("student", student, extra, res, data, env, trainer, cfg.student, run_dir)
@@ -117,16 +124,49 @@ def _teacher_output_mode(requested: str, data: DataBundle) -> str:
     return "live" if data.extra.get("random_augmentation") else "cache"
 
 
-def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, seed) -> tuple[dict, PhaseResult | None]:
+def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed) -> tuple[dict, PhaseResult | None]:
+    """Teacher from an explicit checkpoint, from the content-addressed store, or trained (and stored)."""
     ckpt = cfg.teacher.get("checkpoint")
     if ckpt:
         path = checkpoints.load_weights(ckpt, teacher, "teacher")
         teacher.to(env.device)
         return {"source": "checkpoint", "path": path}, None
+    if not trainer.teacher_cache:
+        return {"source": "trained"}, _train_teacher(cfg, teacher, data, env, trainer, seed, state_dir)
+    key, material = teacher_key(cfg, data.fingerprint())
+    store = TeacherStore(Path(str(cfg.paths.cache_dir)) / "teachers")
+    with store.locked(key):
+        entry = store.entry(key)
+        if entry.is_file():
+            checkpoints.load_weights(entry, teacher, "teacher cache entry")
+            teacher.to(env.device)
+            return {"source": "cache", "key": key, "path": str(entry.resolve()), **store.read_meta(key)}, None
+        res = _train_teacher(cfg, teacher, data, env, trainer, seed, state_dir)
+        checkpoints.save(entry, teacher, cfg.teacher, data.input_shape(), data.num_classes)
+        store.write_meta(key, {"trained_in": str(run_dir.resolve()), "train_seconds": round(res.train_seconds, 3),
+                               "key_material": material})
+    return {"source": "trained", "key": key, "path": str(entry.resolve())}, res
+
+
+def _train_teacher(cfg, teacher, data, env, trainer, seed, state_dir: Path) -> PhaseResult:
     seed_everything(seed + SEED_TRAIN)
-    res = fit("teacher", teacher, CE(), data.train, data.val, env, epochs=trainer.teacher_epochs,
-              optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed)
-    return {"source": "trained"}, res
+    return fit("teacher", teacher, CE(), data.train, data.val, env, epochs=trainer.teacher_epochs,
+               optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
+               state_path=state_dir / "teacher.pt")
+
+
+def claim_state_dir(run_dir: Path, cfg_hash: str) -> Path:
+    """``run_dir/state``, where per-epoch training state lives; refuse state left by another config."""
+    state_dir = run_dir / "state"
+    marker = state_dir / "config_hash"
+    if marker.is_file() and marker.read_text().strip() != cfg_hash:
+        raise UserError(
+            f"run dir '{run_dir}' holds the partial state of a different config (hash {marker.read_text().strip()}, "
+            f"this one {cfg_hash}); rerun with the original overrides or choose another hydra.run.dir"
+        )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, cfg_hash + "\n")
+    return state_dir
 
 
 def _evaluate(role: str, model: nn.Module, extra: nn.Module | None, res: PhaseResult | None, data: DataBundle,

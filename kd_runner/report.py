@@ -38,6 +38,12 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
 def _gain(models: dict, key: str) -> float | None:
     s, b = models.get("student", {}).get(key), models.get("baseline", {}).get(key)
     return None if s is None or b is None else round(s - b, 4)
@@ -52,7 +58,7 @@ def write(run_dir: Path, *, cfg: DictConfig, data: DataBundle, method: Method, m
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": int(cfg.seed),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": _device_name(device),
         "versions": versions(),
         "command": " ".join(sys.argv),
         "config_hash": config_hash(cfg),
@@ -155,7 +161,8 @@ def markdown(rep: dict) -> str:
                      + (f" ({rep['teacher']['path']})" if rep["teacher"].get("path") else "")
                      + f"; outputs for the student: {rep['teacher'].get('outputs')}")
     d = rep["dataset"]
-    lines.append(f"- data: {d['source']}; train {d['train']}, val {d['val']}, test {d['test']}, input {d['input_shape']}")
+    lines.append(f"- data: {d['source']}; train {d['train']}, val {d['val']}, test {d['test']}, "
+                 f"input {d['input_shape']}")
     lines.append(f"- method: {json.dumps(rep['method'])}")
     lines.append("- wall time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in rep["phase_seconds"].items()))
     lines.append(f"- device: {rep['device']} ({rep['device_name']}); versions: {json.dumps(rep['versions'])}")
@@ -166,7 +173,7 @@ def markdown(rep: dict) -> str:
 def console_table(rep: dict) -> str:
     rows = [HEADER[:5] + ["train s"]] + [r[:5] + [r[8]] for r in _rows(rep)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
     out.insert(1, "  ".join("-" * w for w in widths))
     if rep["kd_gain_points"] is not None:
         out.append(f"KD gain: {rep['kd_gain_points']:+.2f} points (student {rep['method']['name']} vs CE baseline)")

@@ -36,7 +36,7 @@ class Taps:
 
         return hook
 
-    def __enter__(self) -> "Taps":
+    def __enter__(self) -> Taps:
         modules = dict(self.model.named_modules())
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
         return self

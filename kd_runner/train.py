@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
 from pathlib import Path
 
@@ -44,13 +46,46 @@ def check_group_overrides(args: list[str], conf: Path) -> None:
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
         for v in values:
             if v not in groups[o.key_or_group] and v != "null":
-                raise UserError(f"{o.key_or_group}={v!r} is not a known option; valid: {choices(groups[o.key_or_group])}")
+                valid = choices(groups[o.key_or_group])
+                raise UserError(f"{o.key_or_group}={v!r} is not a known option; valid: {valid}")
 
 
 def _report_user_error(err: UserError, run_dir: Path | None = None) -> None:
     print(f"kd-train: error: {err}", file=sys.stderr)
     if run_dir is not None and run_dir.is_dir():
         (run_dir / "error.txt").write_text(f"{err}\n")
+
+
+class Stopped(BaseException):
+    """Raised from a signal handler; a BaseException so no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    raise Stopped(signum)
+
+
+def completed_report(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The report of an earlier, complete run of this same config in ``run_dir``, if any."""
+    from kd_runner.report import config_hash
+
+    path = run_dir / "report.json"
+    if not path.is_file():
+        return None
+    try:
+        rep = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return rep if rep.get("status") == "complete" and rep.get("config_hash") == config_hash(cfg) else None
+
+
+def objective(rep: dict) -> float:
+    """What a sweeper maximises: the student's best val accuracy, else its test accuracy."""
+    student = rep["models"]["student"]
+    return float(student["best_val_acc"] if student.get("best_val_acc") is not None else student["test_acc"])
 
 
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
@@ -60,16 +95,25 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from kd_runner import pipeline
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    done = completed_report(run_dir, cfg)
+    if done is not None:
+        print(f"kd-train: {run_dir} already holds a complete report of this config; skipping")
+        return objective(done)
+    previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         rep = pipeline.run(cfg, run_dir)
     except UserError as err:
         _report_user_error(err, run_dir)
         sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("kd-train: interrupted; no report written", file=sys.stderr)
-        sys.exit(130)
+    except Stopped as stop:
+        print(f"kd-train: stopped by {stop}; state up to the last finished epoch is in {run_dir / 'state'}; "
+              "rerun the same command with the same hydra.run.dir to resume", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     print(f"report: {run_dir / 'report.md'}")
-    return rep["models"]["student"].get("test_acc_best_val", rep["models"]["student"]["test_acc"])
+    return objective(rep)
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -14,9 +14,18 @@ from kd_runner.utils import atomic_torch_save, stable_hash
 Decoded = dict[str, object]
 
 
+_ROOT: Path | None = None
+
+
+def set_cache_dir(path: str | Path) -> None:
+    """Use ``path`` (the run's ``paths.cache_dir``) for decoded datasets from now on."""
+    global _ROOT
+    _ROOT = Path(path).expanduser()
+
+
 def cache_dir() -> Path:
-    """Where decoded tensors go: ``KD_CACHE_DIR`` or ``outputs/.cache``."""
-    return Path(os.environ.get("KD_CACHE_DIR", "outputs/.cache")).expanduser()
+    """Where decoded tensors go: ``paths.cache_dir`` once set, else ``KD_CACHE_DIR`` or ``outputs/.cache``."""
+    return _ROOT if _ROOT is not None else Path(os.environ.get("KD_CACHE_DIR", "outputs/.cache")).expanduser()
 
 
 def source_fingerprint(files: list[Path]) -> dict:

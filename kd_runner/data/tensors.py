@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -22,7 +23,7 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
-    def subset(self, idx: torch.Tensor) -> "Split":
+    def subset(self, idx: torch.Tensor) -> Split:
         return Split(self.images[idx], self.labels[idx])
 
 
@@ -54,6 +55,14 @@ class DataBundle:
 
     def input_shape(self) -> tuple[int, int, int]:
         return (self.channels, *self.image_size)
+
+    def fingerprint(self) -> dict:
+        """Identity of what a model trains on: split sizes and a hash of the training tensors."""
+        h = hashlib.sha256()
+        h.update(self.train.images.contiguous().numpy().tobytes())
+        h.update(self.train.labels.contiguous().numpy().tobytes())
+        return {"train": len(self.train), "val": len(self.val) if self.val is not None else 0,
+                "test": len(self.test), "train_sha256": h.hexdigest()[:16], "mean": self.mean, "std": self.std}
 
 
 class Normalizer:

@@ -1,0 +1,204 @@
+"""Shared helpers: tiny datasets in the real on-disk formats and a subprocess CLI runner.
+
+Imported by conftest.py and the test modules (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# Every CLI run is toy-sized and CPU-only; tests override any of these by key.
+FAST = {
+    "trainer.device": "cpu",
+    "trainer.teacher_epochs": "1",
+    "trainer.student_epochs": "1",
+    "trainer.bench_iters": "2",
+    "trainer.progress": "false",
+    "trainer.num_threads": "1",
+}
+
+CLI_TIMEOUT_S = 300
+
+
+# --------------------------------------------------------------------------- images
+
+
+def pattern_images(n: int, num_classes: int, channels: int, height: int, width: int,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` uint8 images (N, C, H, W) of a learnable pattern and their labels (``i % num_classes``).
+
+    Class k lights one cell of a 4x4 grid (and, in colour, a class-specific tint) over low noise.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    images = rng.integers(0, 40, size=(n, channels, height, width), dtype=np.uint8)
+    ch, cw = max(1, height // 4), max(1, width // 4)
+    for i, k in enumerate(labels):
+        r, c = divmod(int(k) % 16, 4)
+        images[i, :, r * ch:(r + 1) * ch, c * cw:(c + 1) * cw] = 255
+        if channels == 3:
+            images[i, int(k) % 3] = np.maximum(images[i, int(k) % 3], 60 + 15 * int(k))
+    return images, labels.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- MNIST (IDX)
+
+
+def write_idx_images(path: Path, images: np.ndarray) -> None:
+    """IDX3: big-endian magic 2051, count, rows, cols, then uint8 pixels."""
+    n, h, w = images.shape
+    path.write_bytes(struct.pack(">iiii", 2051, n, h, w) + images.astype(np.uint8).tobytes())
+
+
+def write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    """IDX1: big-endian magic 2049, count, then uint8 labels."""
+    path.write_bytes(struct.pack(">ii", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, n_train: int = 64, n_test: int = 32) -> dict:
+    """``<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` as torchvision reads them."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        images, labels = pattern_images(n, 10, 1, 28, 28, seed)
+        write_idx_images(raw / f"{prefix}-images-idx3-ubyte", images[:, 0])
+        write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        out[prefix] = (images, labels)
+    return out
+
+
+# --------------------------------------------------------------------------- CIFAR-10 (pickles)
+
+
+def write_cifar_batches(root: Path, per_batch: int = 10, n_test: int = 20) -> dict:
+    """``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`` in torchvision's format."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for j, name in enumerate(names):
+        images, labels = pattern_images(n_test if name == "test_batch" else per_batch, 10, 3, 32, 32, seed=10 + j)
+        entry = {"batch_label": name, "labels": [int(v) for v in labels],
+                 "data": images.reshape(len(images), 3072),
+                 "filenames": [f"{name}_{i}.png" for i in range(len(images))]}
+        with (folder / name).open("wb") as f:
+            pickle.dump(entry, f)
+        out[name] = (images, labels)
+    with (folder / "batches.meta").open("wb") as f:
+        pickle.dump({"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
+    return out
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def write_image_tree(root: Path, classes: list[str], per_class: dict[str, int], channels: int,
+                     height: int, width: int, suffix: str = ".png") -> dict:
+    """``root/{train,test}/<class>/<i><suffix>`` written with PIL; returns the arrays per split."""
+    from PIL import Image
+
+    out = {}
+    for j, (split, n) in enumerate(per_class.items()):
+        images, labels = pattern_images(n * len(classes), len(classes), channels, height, width, seed=20 + j)
+        for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+            d = root / split / classes[int(lab)]
+            d.mkdir(parents=True, exist_ok=True)
+            arr = img[0] if channels == 1 else img.transpose(1, 2, 0)
+            Image.fromarray(arr, mode="L" if channels == 1 else "RGB").save(d / f"{i:03d}{suffix}")
+        out[split] = (images, labels)
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cli_env(base: Path, **extra: str) -> dict[str, str]:
+    """Environment for a CLI subprocess: every output, cache and data path inside ``base``."""
+    env = os.environ.copy()
+    env.update({
+        "KD_OUTPUT_DIR": str(base / "outputs"),
+        "KD_CACHE_DIR": str(base / "cache"),
+        "KD_DATA_DIR": str(base / "data"),
+        "MPLBACKEND": "Agg",
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "0",
+    })
+    env.pop("PYTHONWARNINGS", None)
+    env.update(extra)
+    return env
+
+
+def merge_overrides(args: list[str], fast: bool = True) -> list[str]:
+    """FAST defaults first, minus any key the test sets itself (Hydra rejects duplicate keys)."""
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    base = [f"{k}={v}" for k, v in FAST.items() if k not in keys] if fast else []
+    return base + list(args)
+
+
+def run_cli(args: list[str], tmp_path: Path, env: dict[str, str] | None = None, run_dir: Path | None = None,
+            fast: bool = True) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run ``python -m kd_runner.train`` in ``tmp_path``; return ``(proc, run_dir)``.
+
+    ``env`` entries are added to :func:`cli_env`'s, so data/cache/output paths stay in ``tmp_path``.
+    """
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir) if run_dir is not None else tmp_path / "run"
+    cmd = [sys.executable, "-m", "kd_runner.train", *merge_overrides(args, fast), f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path, **(env or {})), capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S)
+    return proc, run_dir
+
+
+def assert_ok(proc: subprocess.CompletedProcess, run_dir: Path) -> dict:
+    """The run succeeded and wrote report.json; return it."""
+    assert proc.returncode == 0, f"rc={proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    report = run_dir / "report.json"
+    assert report.is_file(), f"no report.json in {run_dir}: {sorted(p.name for p in run_dir.iterdir())}"
+    return json.loads(report.read_text())
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, run_dir: Path, *needles: str) -> str:
+    """Exit 2, one ``kd-train: error:`` line naming every needle, no traceback, no report.json."""
+    detail = f"rc={proc.returncode}\nSTDERR:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 2, detail
+    assert "Traceback" not in proc.stderr, detail
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines, detail
+    last = lines[-1]
+    assert last.startswith("kd-train: error:"), detail
+    assert len([ln for ln in lines if ln.startswith("kd-train: error:")]) == 1, detail
+    for needle in needles:
+        assert needle in last, f"{needle!r} not in error line: {last}"
+    assert not (run_dir / "report.json").exists()
+    return last
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def loss_columns(rows: list[dict]) -> dict[tuple[str, str], list[str]]:
+    """``{(phase, column): [values per epoch]}`` for every train_* loss column (not timings)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for row in rows:
+        for k, v in row.items():
+            if k.startswith("train_") or k in ("val_acc", "lr"):
+                out.setdefault((row["phase"], k), []).append(v)
+    return out
