@@ -58,6 +58,7 @@ def write(run_dir: Path, *, cfg: DictConfig, data: DataBundle, method: Method, m
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": int(cfg.seed),
         "device": str(device),
+        "torch_threads": torch.get_num_threads(),
         "device_name": _device_name(device),
         "versions": versions(),
         "command": " ".join(sys.argv),

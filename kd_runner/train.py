@@ -82,6 +82,25 @@ def completed_report(run_dir: Path, cfg: DictConfig) -> dict | None:
     return rep if rep.get("status") == "complete" and rep.get("config_hash") == config_hash(cfg) else None
 
 
+def torch_threads_for_parallel_jobs() -> None:
+    """Slurm: the task's CPUs; joblib launcher: ``cores // n_jobs`` threads per job instead of all cores."""
+    import os
+
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # a Slurm job gets what it asked for
+        torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
+        return
+    launcher = HydraConfig.get().get("launcher") or {}
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n_jobs = int(launcher.get("n_jobs") or -1)
+    n_jobs = cores if n_jobs < 0 else max(1, n_jobs)
+    torch.set_num_threads(max(1, cores // n_jobs))
+
+
 def objective(rep: dict) -> float:
     """What a sweeper maximises: the student's best val accuracy, else its test accuracy."""
     student = rep["models"]["student"]
@@ -99,6 +118,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if done is not None:
         print(f"kd-train: {run_dir} already holds a complete report of this config; skipping")
         return objective(done)
+    if cfg.trainer.get("num_threads") is None:
+        torch_threads_for_parallel_jobs()
     previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         rep = pipeline.run(cfg, run_dir)

@@ -119,7 +119,7 @@ def write_image_tree(root: Path, classes: list[str], per_class: dict[str, int], 
             d = root / split / classes[int(lab)]
             d.mkdir(parents=True, exist_ok=True)
             arr = img[0] if channels == 1 else img.transpose(1, 2, 0)
-            Image.fromarray(arr, mode="L" if channels == 1 else "RGB").save(d / f"{i:03d}{suffix}")
+            Image.fromarray(np.ascontiguousarray(arr)).save(d / f"{i:03d}{suffix}")  # 2-D: L, (H, W, 3): RGB
         out[split] = (images, labels)
     return out
 
