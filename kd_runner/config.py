@@ -27,6 +27,7 @@ class Trainer:
     deterministic: bool
     teacher_outputs: str
     teacher_cache: bool
+    baseline_cache: bool
     progress: bool
     bench_iters: int
 
@@ -42,6 +43,7 @@ class Trainer:
             deterministic=bool(cfg.deterministic),
             teacher_outputs=str(cfg.teacher_outputs),
             teacher_cache=bool(cfg.get("teacher_cache", True)),
+            baseline_cache=bool(cfg.get("baseline_cache", True)),
             progress=bool(cfg.progress),
             bench_iters=_int(cfg, "bench_iters", 0),
         )
@@ -63,8 +65,9 @@ def _int(cfg: DictConfig, key: str, minimum: int) -> int:
 
 def validate(cfg: DictConfig) -> Trainer:
     """Check the parts of the config that are not checked where they are built."""
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise UserError(f"seed={cfg.seed!r} is invalid; it must be an integer")
+    for key in ("seed", "teacher_seed"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
+            raise UserError(f"{key}={cfg[key]!r} is invalid; it must be an integer")
     frac = cfg.dataset.get("val_fraction") or 0.0
     if not isinstance(frac, (int, float)) or not 0.0 <= float(frac) < 1.0:
         raise UserError(f"dataset.val_fraction={frac!r} is invalid; it must be in [0, 1)")

@@ -19,9 +19,16 @@ from kd_runner.engine import Env, PhaseResult, TeacherOutputs, fit, predict_accu
 from kd_runner.errors import UserError
 from kd_runner.methods import CE, build_method
 from kd_runner.methods.base import Method
+from kd_runner.model_store import ModelStore, baseline_key, teacher_key
 from kd_runner.models import build_model
-from kd_runner.teacher_cache import TeacherStore, teacher_key
-from kd_runner.utils import atomic_write_text, count_params, resolve_device, seed_everything, weights_hash
+from kd_runner.utils import (
+    atomic_torch_save,
+    atomic_write_text,
+    count_params,
+    resolve_device,
+    seed_everything,
+    weights_hash,
+)
 
 # offsets keep each phase's RNG stream independent of the phases before it
 SEED_TEACHER, SEED_STUDENT_INIT, SEED_EXTRA, SEED_TRAIN = 0, 1, 2, 3
@@ -42,7 +49,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     t0 = time.perf_counter()
     set_cache_dir(Path(str(cfg.paths.cache_dir)))
-    data = build_data(cfg.dataset, seed)
+    data = build_data(cfg.dataset)
     env = Env(device, _normalizer(data), trainer.batch_size, trainer.eval_batch_size, trainer.progress)
     timings["data"] = time.perf_counter() - t0
 
@@ -50,7 +57,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     shape, classes = data.input_shape(), data.num_classes
     teacher = None
     if method.needs_teacher:
-        seed_everything(seed + SEED_TEACHER)
+        seed_everything(int(cfg.teacher_seed) + SEED_TEACHER)
         teacher = build_model(cfg.teacher, shape, classes).to(device)
     seed_everything(seed + SEED_STUDENT_INIT)
     student_init = build_model(cfg.student, shape, classes).to(device)
@@ -62,7 +69,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     teacher_info: dict = {}
     if teacher is not None:
         t0 = time.perf_counter()
-        teacher_info, res = _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed)
+        teacher_info, res = _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir,
+                                           int(cfg.teacher_seed))
         timings["teacher"] = time.perf_counter() - t0
         models["teacher"] = _evaluate("teacher", teacher, None, res, data, env, trainer, cfg.teacher, run_dir)
         histories += res.history if res else []
@@ -70,13 +78,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if teacher is not None and cfg.baseline:
         t0 = time.perf_counter()
         baseline = copy.deepcopy(student_init)
-        seed_everything(seed + SEED_TRAIN)
-        res = fit("baseline", baseline, CE(), data.train, data.val, env, epochs=trainer.student_epochs,
-                  optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
-                  state_path=state_dir / "baseline.pt")
+
+        def train_baseline() -> PhaseResult:
+            seed_everything(seed + SEED_TRAIN)
+            return fit("baseline", baseline, CE(), data.train, data.val, env, epochs=trainer.student_epochs,
+                       optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
+                       state_path=state_dir / "baseline.pt")
+
+        key = baseline_key(cfg, data.fingerprint(), init_hash) if trainer.baseline_cache else None
+        source, res = _stored(cfg, "baselines", key, baseline, cfg.student, data, run_dir, train_baseline)
         timings["baseline"] = time.perf_counter() - t0
         models["baseline"] = _evaluate("baseline", baseline, None, res, data, env, trainer, cfg.student, run_dir)
-        models["baseline"]["init_hash"] = init_hash
+        models["baseline"].update(init_hash=init_hash, source=source)
         histories += res.history
 
     t0 = time.perf_counter()
@@ -131,28 +144,44 @@ def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed) -
         path = checkpoints.load_weights(ckpt, teacher, "teacher")
         teacher.to(env.device)
         return {"source": "checkpoint", "path": path}, None
-    if not trainer.teacher_cache:
-        return {"source": "trained"}, _train_teacher(cfg, teacher, data, env, trainer, seed, state_dir)
-    key, material = teacher_key(cfg, data.fingerprint())
-    store = TeacherStore(Path(str(cfg.paths.cache_dir)) / "teachers")
+
+    def train_teacher() -> PhaseResult:
+        seed_everything(seed + SEED_TRAIN)
+        return fit("teacher", teacher, CE(), data.train, data.val, env, epochs=trainer.teacher_epochs,
+                   optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
+                   state_path=state_dir / "teacher.pt")
+
+    key = teacher_key(cfg, data.fingerprint()) if trainer.teacher_cache else None
+    return _stored(cfg, "teachers", key, teacher, cfg.teacher, data, run_dir, train_teacher)
+
+
+def _stored(cfg, kind: str, key: tuple[str, dict] | None, model: nn.Module, model_cfg: DictConfig,
+            data: DataBundle, run_dir: Path, train) -> tuple[dict, PhaseResult]:
+    """Load ``model`` from the ``kind`` store under ``key``, or ``train()`` it and store it there."""
+    if key is None:
+        return {"source": "trained"}, train()
+    key, material = key
+    store = ModelStore(Path(str(cfg.paths.cache_dir)) / kind)
+    entry = store.entry(key)
     with store.locked(key):
-        entry = store.entry(key)
         if entry.is_file():
-            checkpoints.load_weights(entry, teacher, "teacher cache entry")
-            teacher.to(env.device)
-            return {"source": "cache", "key": key, "path": str(entry.resolve()), **store.read_meta(key)}, None
-        res = _train_teacher(cfg, teacher, data, env, trainer, seed, state_dir)
-        checkpoints.save(entry, teacher, cfg.teacher, data.input_shape(), data.num_classes)
+            checkpoints.load_weights(entry, model, f"{kind} cache entry")
+            meta = store.read_meta(key)
+            res = PhaseResult(history=meta.get("history", []), best_val_acc=meta.get("best_val_acc"),
+                              best_epoch=meta.get("best_epoch"), train_seconds=meta.get("train_seconds", 0.0))
+            if store.best_entry(key).is_file():
+                best = torch.load(store.best_entry(key), map_location="cpu", weights_only=True)
+                res.best_state = {"model": best["model"], "extra": {}}
+            return {"source": "cache", "key": key, "path": str(entry.resolve()),
+                    "trained_in": meta.get("trained_in")}, res
+        res = train()
+        checkpoints.save(entry, model, model_cfg, data.input_shape(), data.num_classes)
+        if res.best_state is not None:
+            atomic_torch_save({"model": res.best_state["model"]}, store.best_entry(key))
         store.write_meta(key, {"trained_in": str(run_dir.resolve()), "train_seconds": round(res.train_seconds, 3),
-                               "key_material": material})
+                               "history": res.history, "best_val_acc": res.best_val_acc,
+                               "best_epoch": res.best_epoch, "key_material": material})
     return {"source": "trained", "key": key, "path": str(entry.resolve())}, res
-
-
-def _train_teacher(cfg, teacher, data, env, trainer, seed, state_dir: Path) -> PhaseResult:
-    seed_everything(seed + SEED_TRAIN)
-    return fit("teacher", teacher, CE(), data.train, data.val, env, epochs=trainer.teacher_epochs,
-               optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
-               state_path=state_dir / "teacher.pt")
 
 
 def claim_state_dir(run_dir: Path, cfg_hash: str) -> Path:

@@ -57,6 +57,7 @@ def write(run_dir: Path, *, cfg: DictConfig, data: DataBundle, method: Method, m
         "status": "complete",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": int(cfg.seed),
+        "teacher_seed": int(cfg.teacher_seed),
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "device_name": _device_name(device),

@@ -11,13 +11,13 @@ from kd_runner.errors import UserError, choices
 LOADERS = {"digits": digits.load, "mnist": mnist.load, "cifar10": cifar.load, "image_folder": image_folder.load}
 
 
-def build_data(cfg: DictConfig, seed: int) -> DataBundle:
-    """Load the configured dataset, carve a seeded val split, settle normalisation."""
+def build_data(cfg: DictConfig) -> DataBundle:
+    """Load the configured dataset, carve a val split seeded by ``split_seed``, settle normalisation."""
     name = str(cfg.name)
     if name not in LOADERS:
         raise UserError(f"dataset.name={name!r} is unknown; valid: {choices(LOADERS)}")
     out = LOADERS[name](cfg)
-    train, val = carve_val(out["train"], float(cfg.get("val_fraction") or 0.0), seed)
+    train, val = carve_val(out["train"], float(cfg.get("val_fraction") or 0.0), int(cfg.get("split_seed", 0)))
     channels = int(train.images.shape[1])
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None:

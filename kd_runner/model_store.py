@@ -1,0 +1,89 @@
+"""Content-addressed model store: a sweep trains each distinct teacher (and CE baseline) once.
+
+A key covers everything that changes the trained weights: the training data, the model config
+(or, for the baseline, its initial weights), the training settings, the seed, and
+torch/torchvision major.minor. Concurrent jobs with the same key serialise on a file lock;
+the first trains, the rest load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+
+from kd_runner.utils import atomic_write_text, stable_hash
+
+DATASET_LOCATION_KEYS = ("root", "download", "decode_cache", "verify_md5")
+
+
+def _major_minor(version: str) -> str:
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _training_material(cfg: DictConfig, epochs: int, data_fingerprint: dict) -> dict:
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for k in DATASET_LOCATION_KEYS:
+        dataset.pop(k, None)
+    return {
+        "dataset": dataset,
+        "data": data_fingerprint,
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
+        "training": {"epochs": epochs, "batch_size": cfg.trainer.batch_size,
+                     "deterministic": cfg.trainer.deterministic},
+        "versions": {"torch": _major_minor(torch.__version__), "torchvision": _major_minor(torchvision.__version__)},
+    }
+
+
+def teacher_key(cfg: DictConfig, data_fingerprint: dict) -> tuple[str, dict]:
+    """Return ``(hash, the dict it hashes)`` for the teacher this config would train."""
+    teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
+    teacher.pop("checkpoint", None)
+    material = {**_training_material(cfg, cfg.trainer.teacher_epochs, data_fingerprint),
+                "teacher": teacher, "seed": int(cfg.teacher_seed)}
+    return stable_hash(material), material
+
+
+def baseline_key(cfg: DictConfig, data_fingerprint: dict, init_hash: str) -> tuple[str, dict]:
+    """Key of the CE baseline: same initial weights + same training = same baseline, whatever the method."""
+    material = {**_training_material(cfg, cfg.trainer.student_epochs, data_fingerprint),
+                "student": OmegaConf.to_container(cfg.student, resolve=True), "init_hash": init_hash,
+                "seed": int(cfg.seed)}
+    return stable_hash(material), material
+
+
+class ModelStore:
+    """``<root>/<key>/model.pt`` (+ ``best.pt``) and ``meta.json``; ``<root>/<key>.lock`` guards training."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def entry(self, key: str) -> Path:
+        return self.root / key / "model.pt"
+
+    def best_entry(self, key: str) -> Path:
+        return self.root / key / "best.pt"
+
+    @contextlib.contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def write_meta(self, key: str, meta: dict) -> None:
+        atomic_write_text(self.root / key / "meta.json", json.dumps(meta, indent=2, default=str))
+
+    def read_meta(self, key: str) -> dict:
+        path = self.root / key / "meta.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
