@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from kd_runner.data.augment import Augment
 from kd_runner.data.tensors import Normalizer, Split, batches
 from kd_runner.errors import UserError, choices
 from kd_runner.methods import Method, Outputs
@@ -194,6 +195,7 @@ def fit(
     teacher: TeacherOutputs | None = None,
     extra: nn.Module | None = None,
     state_path: Path | None = None,
+    augment: Augment | None = None,
 ) -> PhaseResult:
     """Train ``model`` (and ``extra``) with ``method`` for ``epochs``; track best-on-val weights.
 
@@ -216,7 +218,7 @@ def fit(
         for epoch in range(len(result.history) + 1, epochs + 1):
             t0 = time.perf_counter()
             row = _train_epoch(phase, epoch, epochs, model, extra, method, train, env, taps, optimizer, order,
-                               teacher)
+                               teacher, augment)
             if not math.isfinite(row["train_loss"]):
                 raise UserError(f"{phase}: training loss became {row['train_loss']} at epoch {epoch}; "
                                 f"lower optimizer.lr (now {optimizer_cfg.lr}) or the loss weights")
@@ -242,8 +244,13 @@ def fit(
     return result
 
 
-def _train_epoch(phase, epoch, epochs, model, extra, method, train, env, taps, optimizer, order, teacher) -> dict:
-    """One pass over ``train``; loss parts and accuracy accumulate on the device (no per-step sync)."""
+def _train_epoch(phase, epoch, epochs, model, extra, method, train, env, taps, optimizer, order, teacher,
+                 augment: Augment | None) -> dict:
+    """One pass over ``train``; loss parts and accuracy accumulate on the device (no per-step sync).
+
+    Random views (``augment``) draw from ``order`` too, so one generator state pins the whole epoch;
+    a live teacher sees the same augmented batch as the student.
+    """
     set_train_mode(model, True)
     extra.train()
     sums: dict[str, Tensor] = {}
@@ -253,6 +260,8 @@ def _train_epoch(phase, epoch, epochs, model, extra, method, train, env, taps, o
     bar = tqdm(batches(train, env.batch_size, shuffle=True, generator=order), total=n_batches,
                desc=f"{phase} {epoch}/{epochs}", disable=not env.progress, leave=False, dynamic_ncols=True)
     for step, (idx, xb, yb) in enumerate(bar):
+        if augment is not None:
+            xb = augment(xb.to(env.device, non_blocking=True), order)
         x, y = env.prepare(xb), yb.to(env.device, non_blocking=True)
         t_out = teacher(idx, x) if teacher is not None else None
         logits = model(x)

@@ -27,7 +27,7 @@ def _major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def _training_material(cfg: DictConfig, epochs: int, data_fingerprint: dict) -> dict:
+def _training_material(cfg: DictConfig, epochs: int, data_fingerprint: dict, augment) -> dict:
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     for k in DATASET_LOCATION_KEYS:
         dataset.pop(k, None)
@@ -37,23 +37,23 @@ def _training_material(cfg: DictConfig, epochs: int, data_fingerprint: dict) -> 
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
         "training": {"epochs": epochs, "batch_size": cfg.trainer.batch_size,
-                     "deterministic": cfg.trainer.deterministic},
+                     "deterministic": cfg.trainer.deterministic, "augment": repr(augment)},
         "versions": {"torch": _major_minor(torch.__version__), "torchvision": _major_minor(torchvision.__version__)},
     }
 
 
-def teacher_key(cfg: DictConfig, data_fingerprint: dict) -> tuple[str, dict]:
+def teacher_key(cfg: DictConfig, data_fingerprint: dict, augment=None) -> tuple[str, dict]:
     """Return ``(hash, the dict it hashes)`` for the teacher this config would train."""
     teacher = OmegaConf.to_container(cfg.teacher, resolve=True)
     teacher.pop("checkpoint", None)
-    material = {**_training_material(cfg, cfg.trainer.teacher_epochs, data_fingerprint),
+    material = {**_training_material(cfg, cfg.trainer.teacher_epochs, data_fingerprint, augment),
                 "teacher": teacher, "seed": int(cfg.teacher_seed)}
     return stable_hash(material), material
 
 
-def baseline_key(cfg: DictConfig, data_fingerprint: dict, init_hash: str) -> tuple[str, dict]:
+def baseline_key(cfg: DictConfig, data_fingerprint: dict, init_hash: str, augment=None) -> tuple[str, dict]:
     """Key of the CE baseline: same initial weights + same training = same baseline, whatever the method."""
-    material = {**_training_material(cfg, cfg.trainer.student_epochs, data_fingerprint),
+    material = {**_training_material(cfg, cfg.trainer.student_epochs, data_fingerprint, augment),
                 "student": OmegaConf.to_container(cfg.student, resolve=True), "init_hash": init_hash,
                 "seed": int(cfg.seed)}
     return stable_hash(material), material

@@ -13,6 +13,7 @@ from torch import nn
 from kd_runner import checkpoints, inference, report
 from kd_runner.config import validate
 from kd_runner.data import build_data
+from kd_runner.data.augment import Augment, phase_augments
 from kd_runner.data.cache import set_cache_dir
 from kd_runner.data.tensors import DataBundle
 from kd_runner.engine import Env, PhaseResult, TeacherOutputs, fit, predict_accuracy, probe_shapes
@@ -44,6 +45,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     torch.use_deterministic_algorithms(trainer.deterministic, warn_only=True)
     device = resolve_device(trainer.device)
     method = build_method(cfg.method)
+    augments = phase_augments(cfg.augment)
     timings: dict[str, float] = {}
     state_dir = claim_state_dir(run_dir, report.config_hash(cfg))
 
@@ -70,7 +72,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if teacher is not None:
         t0 = time.perf_counter()
         teacher_info, res = _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir,
-                                           int(cfg.teacher_seed))
+                                           int(cfg.teacher_seed), augments["teacher"])
         timings["teacher"] = time.perf_counter() - t0
         models["teacher"] = _evaluate("teacher", teacher, None, res, data, env, trainer, cfg.teacher, run_dir)
         histories += res.history if res else []
@@ -83,9 +85,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             seed_everything(seed + SEED_TRAIN)
             return fit("baseline", baseline, CE(), data.train, data.val, env, epochs=trainer.student_epochs,
                        optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
-                       state_path=state_dir / "baseline.pt")
+                       state_path=state_dir / "baseline.pt", augment=augments["baseline"])
 
-        key = baseline_key(cfg, data.fingerprint(), init_hash) if trainer.baseline_cache else None
+        key = (baseline_key(cfg, data.fingerprint(), init_hash, augments["baseline"])
+               if trainer.baseline_cache else None)
         source, res = _stored(cfg, "baselines", key, baseline, cfg.student, data, run_dir, train_baseline)
         timings["baseline"] = time.perf_counter() - t0
         models["baseline"] = _evaluate("baseline", baseline, None, res, data, env, trainer, cfg.student, run_dir)
@@ -96,14 +99,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     student = copy.deepcopy(student_init)
     t_out = None
     if teacher is not None:
-        mode = _teacher_output_mode(trainer.teacher_outputs, data)
+        mode = _teacher_output_mode(trainer.teacher_outputs, augments["student"])
         t_out = TeacherOutputs(teacher, method.teacher_taps, env, data.train, mode)
         teacher_info["outputs"] = mode
         teacher_info["outputs_cache_seconds"] = round(t_out.cache_seconds, 3)
     seed_everything(seed + SEED_TRAIN)
     res = fit("student", student, method, data.train, data.val, env, epochs=trainer.student_epochs,
               optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed, teacher=t_out, extra=extra,
-              state_path=state_dir / "student.pt")
+              state_path=state_dir / "student.pt", augment=augments["student"])
     del t_out
     timings["student"] = time.perf_counter() - t0
     models["student"] = _evaluate("student", student, extra, res, data, env, trainer, cfg.student, run_dir)
@@ -130,14 +133,18 @@ def _build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, 
     return method.extra_modules(s_shapes, t_shapes).to(env.device)
 
 
-def _teacher_output_mode(requested: str, data: DataBundle) -> str:
-    """Cache teacher outputs unless training views are random (then the teacher must see the same view)."""
+def _teacher_output_mode(requested: str, student_augment: Augment | None) -> str:
+    """Cache teacher outputs unless the student's views are random: then the teacher must see the same view."""
+    if requested == "cache" and student_augment is not None:
+        raise UserError("trainer.teacher_outputs=cache with a randomly augmented student would distill from "
+                        "views the student never sees; use auto or live, or drop 'student' from augment.phases")
     if requested != "auto":
         return requested
-    return "live" if data.extra.get("random_augmentation") else "cache"
+    return "live" if student_augment is not None else "cache"
 
 
-def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed) -> tuple[dict, PhaseResult | None]:
+def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed,
+                   augment: Augment | None) -> tuple[dict, PhaseResult | None]:
     """Teacher from an explicit checkpoint, from the content-addressed store, or trained (and stored)."""
     ckpt = cfg.teacher.get("checkpoint")
     if ckpt:
@@ -149,9 +156,9 @@ def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed) -
         seed_everything(seed + SEED_TRAIN)
         return fit("teacher", teacher, CE(), data.train, data.val, env, epochs=trainer.teacher_epochs,
                    optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
-                   state_path=state_dir / "teacher.pt")
+                   state_path=state_dir / "teacher.pt", augment=augment)
 
-    key = teacher_key(cfg, data.fingerprint()) if trainer.teacher_cache else None
+    key = teacher_key(cfg, data.fingerprint(), augment) if trainer.teacher_cache else None
     return _stored(cfg, "teachers", key, teacher, cfg.teacher, data, run_dir, train_teacher)
 
 
