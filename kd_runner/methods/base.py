@@ -45,6 +45,15 @@ class Method:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
 
+class LayerPairMethod(Method):
+    """A method that relates one tapped student layer to one tapped teacher layer."""
+
+    def __init__(self, student_layer: str, teacher_layer: str, ce_weight: float) -> None:
+        super().__init__(ce_weight)
+        self.student_layer, self.teacher_layer = student_layer, teacher_layer
+        self.student_taps, self.teacher_taps = [student_layer], [teacher_layer]
+
+
 def nonneg(name: str, value: float) -> float:
     value = float(value)
     if value < 0:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError
-from kd_runner.methods.base import Method, Outputs, nonneg
+from kd_runner.methods.base import LayerPairMethod, Outputs, nonneg
 
 
 def pool_to_width(x: Tensor, width: int) -> Tensor:
@@ -21,15 +21,13 @@ def pool_to_width(x: Tensor, width: int) -> Tensor:
     return F.adaptive_avg_pool1d(x.unsqueeze(1), width).squeeze(1)
 
 
-class Cosine(Method):
+class Cosine(LayerPairMethod):
     name = "cosine"
 
     def __init__(self, student_layer: str = "features", teacher_layer: str = "features",
                  hidden_weight: float = 0.25, ce_weight: float = 0.75) -> None:
-        super().__init__(ce_weight)
+        super().__init__(student_layer, teacher_layer, ce_weight)
         self.hidden_weight = nonneg("hidden_weight", hidden_weight)
-        self.student_layer, self.teacher_layer = student_layer, teacher_layer
-        self.student_taps, self.teacher_taps = [student_layer], [teacher_layer]
 
     def extra_modules(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> nn.Module:
         ds = int(torch.Size(student_shapes[self.student_layer][1:]).numel())

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError
-from kd_runner.methods.base import Method, Outputs, nonneg
+from kd_runner.methods.base import LayerPairMethod, Outputs, nonneg
 
 
 class ConvRegressor(nn.Module):
@@ -23,15 +23,13 @@ class ConvRegressor(nn.Module):
         return y if tuple(y.shape[-2:]) == self.size else F.adaptive_avg_pool2d(y, self.size)
 
 
-class Hint(Method):
+class Hint(LayerPairMethod):
     name = "hint"
 
     def __init__(self, student_layer: str = "features", teacher_layer: str = "features",
                  hint_weight: float = 0.25, ce_weight: float = 0.75) -> None:
-        super().__init__(ce_weight)
+        super().__init__(student_layer, teacher_layer, ce_weight)
         self.hint_weight = nonneg("hint_weight", hint_weight)
-        self.student_layer, self.teacher_layer = student_layer, teacher_layer
-        self.student_taps, self.teacher_taps = [student_layer], [teacher_layer]
 
     def extra_modules(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> nn.Module:
         s, t = tuple(student_shapes[self.student_layer]), tuple(teacher_shapes[self.teacher_layer])

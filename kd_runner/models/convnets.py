@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from kd_runner.models.tutorial import flat_features
+from kd_runner.models.tutorial import FeaturesClassifier, flat_features
 
 
-class KerasConvTeacher(nn.Module):
+class KerasConvTeacher(FeaturesClassifier):
     """Keras demo teacher: Conv(256, s2) -> LeakyReLU(0.2) -> MaxPool(2, s1, same) -> Conv(512, s2) -> Dense."""
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, negative_slope: float = 0.2) -> None:
@@ -22,11 +21,8 @@ class KerasConvTeacher(nn.Module):
         )
         self.classifier = nn.Linear(flat_features(self.features, input_shape), num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
 
-
-class SmallCNN(nn.Module):
+class SmallCNN(FeaturesClassifier):
     """A compact student for the ResNet-50 demo: two conv blocks and a 128-wide head."""
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 32) -> None:
@@ -47,6 +43,3 @@ class SmallCNN(nn.Module):
             nn.Dropout(0.2),
             nn.Linear(128, num_classes),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))

@@ -12,7 +12,17 @@ def flat_features(features: nn.Module, input_shape: tuple[int, int, int]) -> int
         return int(features(torch.zeros(1, *input_shape)).flatten(1).shape[1])
 
 
-class DeepNN(nn.Module):
+class FeaturesClassifier(nn.Module):
+    """``classifier(flatten(features(x)))``: the shape of every conv model here; tap ``features`` by name."""
+
+    features: nn.Module
+    classifier: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class DeepNN(FeaturesClassifier):
     """Tutorial teacher: 4 convs + 2 pools, then 512-wide MLP. 1,186,986 params on CIFAR-10."""
 
     def __init__(self, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> None:
@@ -36,11 +46,8 @@ class DeepNN(nn.Module):
             nn.Linear(512, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
 
-
-class LightNN(nn.Module):
+class LightNN(FeaturesClassifier):
     """Tutorial student: 2 convs + 2 pools, then 256-wide MLP. 267,738 params on CIFAR-10."""
 
     def __init__(self, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> None:
@@ -59,6 +66,3 @@ class LightNN(nn.Module):
             nn.Dropout(0.1),
             nn.Linear(256, num_classes),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
