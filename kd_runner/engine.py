@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from kd_runner.data.augment import Augment
 from kd_runner.data.tensors import Normalizer, Split, batches
-from kd_runner.errors import UserError, choices
+from kd_runner.errors import UserError, choices, number
 from kd_runner.methods import Method, Outputs
 from kd_runner.taps import Taps
 from kd_runner.utils import atomic_torch_save
@@ -30,7 +30,7 @@ def set_train_mode(model: nn.Module, training: bool) -> None:
 
 def build_optimizer(cfg: DictConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     name = str(cfg.name)
-    lr, wd = float(cfg.lr), float(cfg.get("weight_decay", 0.0))
+    lr, wd = number(cfg.lr, "optimizer.lr"), number(cfg.get("weight_decay", 0.0), "optimizer.weight_decay")
     if lr <= 0:
         raise UserError(f"optimizer.lr={lr:g} is invalid; it must be > 0")
     if name == "adam":
@@ -38,7 +38,8 @@ def build_optimizer(cfg: DictConfig, params: list[nn.Parameter]) -> torch.optim.
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg.get("momentum", 0.0)),
+        momentum = number(cfg.get("momentum", 0.0), "optimizer.momentum")
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=momentum,
                                nesterov=bool(cfg.get("nesterov", False)))
     raise UserError(f"optimizer.name={name!r} is unknown; valid: {choices(['adam', 'adamw', 'sgd'])}")
 
@@ -49,12 +50,14 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: i
         return None
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs),
-                                                          eta_min=float(cfg.get("eta_min", 0.0)))
+                                                          eta_min=number(cfg.get("eta_min", 0.0), "scheduler.eta_min"))
     if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(cfg.step_size), gamma=float(cfg.gamma))
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=number(cfg.step_size, "scheduler.step_size", int),
+                                               gamma=number(cfg.gamma, "scheduler.gamma"))
     if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=float(cfg.factor),
-                                                          patience=int(cfg.patience))
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max",
+                                                          factor=number(cfg.factor, "scheduler.factor"),
+                                                          patience=number(cfg.patience, "scheduler.patience", int))
     raise UserError(f"scheduler.name={name!r} is unknown; valid: {choices(['none', 'cosine', 'step', 'plateau'])}")
 
 

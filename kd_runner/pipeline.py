@@ -220,11 +220,16 @@ def _evaluate(role: str, model: nn.Module, extra: nn.Module | None, res: PhaseRe
         if res.best_state is not None:
             info["best_val_acc"], info["best_epoch"] = round(res.best_val_acc, 4), res.best_epoch
             last = copy.deepcopy(model.state_dict())
+            last_extra = copy.deepcopy(extra.state_dict()) if extra is not None else None
             model.load_state_dict(res.best_state["model"])
+            if extra is not None and res.best_state.get("extra"):
+                extra.load_state_dict(res.best_state["extra"])
             info["test_acc_best_val"] = round(predict_accuracy(model, data.test, env), 4)
             checkpoints.save(run_dir / "checkpoints" / f"{role}_best.pt", model, model_cfg, data.input_shape(),
                              data.num_classes, extra)
             model.load_state_dict(last)
+            if last_extra is not None:
+                extra.load_state_dict(last_extra)
     info.update(inference.measure(model, data.input_shape(), env.device, env.eval_batch_size, trainer.bench_iters))
     info["eval_seconds"] = round(time.perf_counter() - t0, 3)
     return info

@@ -29,8 +29,8 @@ def group_options(conf: Path) -> dict[str, list[str]]:
     return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in conf.iterdir() if d.is_dir()}
 
 
-def check_group_overrides(args: list[str], conf: Path) -> None:
-    """Fail in one line on ``group=option`` with an unknown option (Hydra's own error spans many lines)."""
+def check_overrides(args: list[str], conf: Path) -> None:
+    """One-line errors for an unknown group option or config key (Hydra's own errors span many lines)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -40,6 +40,7 @@ def check_group_overrides(args: list[str], conf: Path) -> None:
         overrides = OverridesParser.create().parse_overrides(candidates)
     except HydraException as err:
         raise UserError(f"cannot parse overrides {candidates}: {str(err).splitlines()[0]}") from None
+    chosen = []
     for o in overrides:
         if o.key_or_group not in groups or o.is_delete():
             continue
@@ -48,6 +49,27 @@ def check_group_overrides(args: list[str], conf: Path) -> None:
             if v not in groups[o.key_or_group] and v != "null":
                 valid = choices(groups[o.key_or_group])
                 raise UserError(f"{o.key_or_group}={v!r} is not a known option; valid: {valid}")
+        chosen.append(f"{o.get_key_element()}={values[0]}")
+    keys = [o for o in overrides if o.key_or_group not in groups and o.is_force_add() is False and not o.is_add()
+            and not o.is_delete()]
+    if keys:
+        _check_keys_exist(conf, chosen, [o.key_or_group for o in keys])
+
+
+def _check_keys_exist(conf: Path, group_choices: list[str], keys: list[str]) -> None:
+    """Compose with the chosen groups and check each overridden key is in the config."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=group_choices)
+    for key in keys:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if node is None or not OmegaConf.is_dict(node) or leaf not in node.keys():  # `in` is False for ???
+            where = f"under {parent}" if parent and OmegaConf.is_dict(node) else "at the top level"
+            valid = choices(node.keys()) if OmegaConf.is_dict(node) else choices(cfg.keys())
+            raise UserError(f"{key} is not a config key; valid keys {where}: {valid} (prefix + to add a new key)")
 
 
 def _report_user_error(err: UserError, run_dir: Path | None = None) -> None:
@@ -139,7 +161,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     try:
-        check_group_overrides(sys.argv[1:], config_dir())
+        check_overrides(sys.argv[1:], config_dir())
     except UserError as err:
         _report_user_error(err)
         sys.exit(EXIT_USER_ERROR)

@@ -70,63 +70,89 @@ def rgb_tree(tmp_path_factory) -> Path:
 
 
 # --------------------------------------------------------------------------- shared CLI runs
+# Runs read by several test modules. Each group runs its jobs side by side (helpers.run_many);
+# the per-run fixtures below check success, so one failing run fails only the tests that read it.
 
-KD_DIGITS_ARGS = ["method=kd", "method.T=3.0", "method.soft_weight=0.5", "method.ce_weight=0.5",
-                  "trainer.teacher_epochs=2", "trainer.student_epochs=2", "trainer.teacher_outputs=cache"]
-HINT_DIGITS_ARGS = ["method=hint", "trainer.student_epochs=2", "trainer.teacher_outputs=cache"]
+KD_DIGITS_ARGS, HINT_DIGITS_ARGS = helpers.KD_DIGITS_ARGS, helpers.HINT_DIGITS_ARGS
+SMALL_BATCHES = ["trainer.batch_size=16", "trainer.eval_batch_size=32"]
 
 
 @pytest.fixture(scope="session")
-def kd_digits_run(tmp_path_factory):
-    """digits (default dataset), kd, 2 epochs, teacher outputs cached: ``(proc, run_dir, report)``."""
-    base = tmp_path_factory.mktemp("kd_digits")
-    proc, run_dir = helpers.run_cli(KD_DIGITS_ARGS, base)
+def digits_runs(tmp_path_factory) -> dict:
+    """One run per method on digits (the default dataset)."""
+    jobs = {
+        "kd": {"args": KD_DIGITS_ARGS},
+        "hint": {"args": HINT_DIGITS_ARGS},
+        "ce": {"args": ["method=ce", "trainer.student_epochs=2"]},
+        # cosine with a 20% validation split: best-on-val numbers must appear
+        "cosine": {"args": ["method=cosine", "dataset.val_fraction=0.2", "trainer.student_epochs=2"]},
+    }
+    for name, job in jobs.items():
+        job["tmp_path"] = tmp_path_factory.mktemp(f"{name}_digits")
+    return helpers.run_many(jobs)
+
+
+def _ok(runs: dict, name: str):
+    proc, run_dir = runs[name]
     return proc, run_dir, helpers.assert_ok(proc, run_dir)
 
 
 @pytest.fixture(scope="session")
-def hint_digits_run(tmp_path_factory):
+def kd_digits_run(digits_runs):
+    """digits, kd (T=3, 0.5/0.5), 1 teacher / 2 student epochs, teacher outputs cached: (proc, run_dir, report)."""
+    return _ok(digits_runs, "kd")
+
+
+@pytest.fixture(scope="session")
+def hint_digits_run(digits_runs):
     """digits, hint (features -> features), 2 student epochs, teacher outputs cached."""
-    base = tmp_path_factory.mktemp("hint_digits")
-    proc, run_dir = helpers.run_cli(HINT_DIGITS_ARGS, base)
-    return proc, run_dir, helpers.assert_ok(proc, run_dir)
+    return _ok(digits_runs, "hint")
 
 
 @pytest.fixture(scope="session")
-def cifar_tutorial_run(tmp_path_factory, cifar_batches_root):
-    """experiment=cifar10_tutorial on the tiny pickled batches with dataset.verify_md5=false."""
-    base = tmp_path_factory.mktemp("cifar_tutorial")
-    proc, run_dir = helpers.run_cli(
-        ["experiment=cifar10_tutorial", "dataset.verify_md5=false", "trainer.batch_size=16",
-         "trainer.eval_batch_size=32"],
-        base, env={"KD_DATA_DIR": str(cifar_batches_root)})
-    return proc, run_dir, helpers.assert_ok(proc, run_dir)
+def ce_run(digits_runs):
+    return _ok(digits_runs, "ce")
 
 
 @pytest.fixture(scope="session")
-def cifar_resnet_run(tmp_path_factory, cifar_jpeg_root):
-    """experiment=cifar10_resnet50 offline (resnet18, no weights, 32px) on the cifar10 JPEG tree."""
-    base = tmp_path_factory.mktemp("cifar_resnet")
-    proc, run_dir = helpers.run_cli(
-        ["experiment=cifar10_resnet50", "teacher.weights=null", "teacher.name=resnet18", "teacher.resize=32",
-         "trainer.batch_size=16", "trainer.eval_batch_size=32"],
-        base, env={"KD_DATA_DIR": str(cifar_jpeg_root)})
-    return proc, run_dir, helpers.assert_ok(proc, run_dir)
+def cosine_val_run(digits_runs):
+    return _ok(digits_runs, "cosine")
 
 
 @pytest.fixture(scope="session")
-def mnist_hinton_run(tmp_path_factory, mnist_root):
-    base = tmp_path_factory.mktemp("mnist_hinton")
-    proc, run_dir = helpers.run_cli(["experiment=mnist_hinton", "trainer.batch_size=16",
-                                     "trainer.eval_batch_size=32"],
-                                    base, env={"KD_DATA_DIR": str(mnist_root)})
-    return proc, run_dir, helpers.assert_ok(proc, run_dir)
+def experiment_runs(tmp_path_factory, cifar_batches_root, cifar_jpeg_root, mnist_root) -> dict:
+    """Every experiment config on tiny data; cifar10_resnet50 offline (resnet18, no weights, 32 px)."""
+    jobs = {
+        # pickled batches; these tiny files cannot match torchvision's md5s
+        "cifar10_tutorial": {"args": ["experiment=cifar10_tutorial", "dataset.verify_md5=false", *SMALL_BATCHES],
+                             "env": {"KD_DATA_DIR": str(cifar_batches_root)}},
+        # the cifar10/{train,test}/<class>/*.jpg tree
+        "cifar10_resnet50": {"args": ["experiment=cifar10_resnet50", "teacher.weights=null", "teacher.name=resnet18",
+                                      "teacher.resize=32", *SMALL_BATCHES],
+                             "env": {"KD_DATA_DIR": str(cifar_jpeg_root)}},
+        "mnist_hinton": {"args": ["experiment=mnist_hinton", *SMALL_BATCHES], "env": {"KD_DATA_DIR": str(mnist_root)}},
+        "mnist_keras": {"args": ["experiment=mnist_keras", *SMALL_BATCHES], "env": {"KD_DATA_DIR": str(mnist_root)}},
+    }
+    for name, job in jobs.items():
+        job["tmp_path"] = tmp_path_factory.mktemp(name)
+    return helpers.run_many(jobs)
 
 
 @pytest.fixture(scope="session")
-def mnist_keras_run(tmp_path_factory, mnist_root):
-    base = tmp_path_factory.mktemp("mnist_keras")
-    proc, run_dir = helpers.run_cli(["experiment=mnist_keras", "trainer.batch_size=16",
-                                     "trainer.eval_batch_size=32"],
-                                    base, env={"KD_DATA_DIR": str(mnist_root)})
-    return proc, run_dir, helpers.assert_ok(proc, run_dir)
+def cifar_tutorial_run(experiment_runs):
+    return _ok(experiment_runs, "cifar10_tutorial")
+
+
+@pytest.fixture(scope="session")
+def cifar_resnet_run(experiment_runs):
+    return _ok(experiment_runs, "cifar10_resnet50")
+
+
+@pytest.fixture(scope="session")
+def mnist_hinton_run(experiment_runs):
+    return _ok(experiment_runs, "mnist_hinton")
+
+
+@pytest.fixture(scope="session")
+def mnist_keras_run(experiment_runs):
+    return _ok(experiment_runs, "mnist_keras")

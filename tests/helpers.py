@@ -33,6 +33,11 @@ FAST = {
 
 CLI_TIMEOUT_S = 300
 
+# the shared digits runs (conftest) and the runs compared with them (test_reproducibility)
+KD_DIGITS_ARGS = ["method=kd", "method.T=3.0", "method.soft_weight=0.5", "method.ce_weight=0.5",
+                  "trainer.student_epochs=2", "trainer.teacher_outputs=cache"]
+HINT_DIGITS_ARGS = ["method=hint", "trainer.student_epochs=2", "trainer.teacher_outputs=cache"]
+
 
 # --------------------------------------------------------------------------- images
 
@@ -163,6 +168,20 @@ def run_cli(args: list[str], tmp_path: Path, env: dict[str, str] | None = None, 
     proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(tmp_path, **(env or {})), capture_output=True,
                           text=True, timeout=CLI_TIMEOUT_S)
     return proc, run_dir
+
+
+def run_many(jobs: dict[str, dict], workers: int | None = None) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Run several :func:`run_cli` jobs concurrently; ``jobs[name]`` holds run_cli's keyword arguments.
+
+    The machine is shared with other work, so a few runs side by side finish far sooner than one after
+    another; results are independent (each job has its own cwd, run dir, caches).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = int(os.environ.get("KD_TEST_WORKERS", workers or 4))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {name: pool.submit(run_cli, **kw) for name, kw in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
 
 
 def assert_ok(proc: subprocess.CompletedProcess, run_dir: Path) -> dict:

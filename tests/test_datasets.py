@@ -5,13 +5,13 @@ from __future__ import annotations
 import gzip
 import shutil
 
+import helpers
 import numpy as np
 import pytest
 import torch
+from helpers import CIFAR_CLASSES, assert_ok, assert_user_error, run_many
 from omegaconf import OmegaConf
 
-import helpers
-from helpers import CIFAR_CLASSES, assert_ok, assert_user_error, run_cli
 from kd_runner.data import build_data, cache, cifar, image_folder, mnist
 from kd_runner.errors import UserError
 
@@ -48,7 +48,7 @@ def test_mnist_idx_files_load_pixel_exact(tmp_path):
 def test_mnist_through_build_data_uses_published_normalisation(mnist_root):
     cfg = OmegaConf.load(helpers.CONF / "dataset" / "mnist.yaml")
     cfg.root = str(mnist_root)
-    data = build_data(cfg, seed=0)
+    data = build_data(cfg)
     assert (len(data.train), len(data.test), data.num_classes) == (64, 32, 10)
     assert data.input_shape() == (1, 28, 28)
     assert data.mean == [0.1307] and data.std == [0.3081]
@@ -90,8 +90,8 @@ def test_cifar_md5_mismatch_is_a_user_error_naming_the_file(cifar_batches_root):
     assert "data_batch_1" in str(info.value) and "md5" in str(info.value)
 
 
-def test_cli_cifar_default_verify_md5_fails_in_one_line(tmp_path, cifar_batches_root):
-    proc, run_dir = run_cli(["experiment=cifar10_tutorial"], tmp_path, env={"KD_DATA_DIR": str(cifar_batches_root)})
+def test_cli_cifar_default_verify_md5_fails_in_one_line(dataset_runs, cifar_batches_root):
+    proc, run_dir = dataset_runs["md5"]
     line = assert_user_error(proc, run_dir, "data_batch_1", "md5", "verify_md5=false")
     assert str(cifar_batches_root) in line
 
@@ -203,19 +203,29 @@ def test_image_folder_corrupt_later_image_is_a_user_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gray_run(tmp_path_factory, gray_tree):
-    """image_folder on the grayscale tree; the decoded cache goes where paths.cache_dir says."""
-    base = tmp_path_factory.mktemp("gray_run")
-    proc, run_dir = run_cli(["dataset=image_folder", f"dataset.root={gray_tree}", "method=ce",
-                             f"paths.cache_dir={base / 'configured-cache'}"], base)
-    return base, run_dir, assert_ok(proc, run_dir)
+def dataset_runs(tmp_path_factory, gray_tree, rgb_tree, cifar_batches_root) -> dict:
+    bases = {n: tmp_path_factory.mktemp(n) for n in ("gray", "rgb", "md5")}
+    return run_many({
+        # the decoded cache must go where paths.cache_dir says (KD_CACHE_DIR is set too)
+        "gray": {"args": ["dataset=image_folder", f"dataset.root={gray_tree}", "method=ce",
+                          f"paths.cache_dir={bases['gray'] / 'configured-cache'}"], "tmp_path": bases["gray"]},
+        "rgb": {"args": ["dataset=image_folder", f"dataset.root={rgb_tree}", "method=ce"], "tmp_path": bases["rgb"]},
+        # default dataset.verify_md5=true on the tiny pickles
+        "md5": {"args": ["experiment=cifar10_tutorial"], "tmp_path": bases["md5"],
+                "env": {"KD_DATA_DIR": str(cifar_batches_root)}},
+    })
 
 
 @pytest.fixture(scope="module")
-def rgb_run(tmp_path_factory, rgb_tree):
-    base = tmp_path_factory.mktemp("rgb_run")
-    proc, run_dir = run_cli(["dataset=image_folder", f"dataset.root={rgb_tree}", "method=ce"], base)
-    return base, run_dir, assert_ok(proc, run_dir)
+def gray_run(dataset_runs):
+    proc, run_dir = dataset_runs["gray"]
+    return run_dir.parent, run_dir, assert_ok(proc, run_dir)
+
+
+@pytest.fixture(scope="module")
+def rgb_run(dataset_runs):
+    proc, run_dir = dataset_runs["rgb"]
+    return run_dir.parent, run_dir, assert_ok(proc, run_dir)
 
 
 def test_cli_image_folder_grayscale_inferred(gray_run, gray_tree):

@@ -96,9 +96,8 @@ def test_kd_rejects_bad_params(kwargs, needle):
 
 
 def test_method_registry_builds_every_config_group_option():
-    from omegaconf import OmegaConf
-
     from helpers import CONF
+    from omegaconf import OmegaConf
 
     names = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
     assert names == sorted(METHODS) == ["ce", "cosine", "hint", "kd"]

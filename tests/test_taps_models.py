@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import CONF
 from omegaconf import OmegaConf
 from torch import nn
 
-from helpers import CONF
 from kd_runner.errors import UserError
 from kd_runner.models import build_model
 from kd_runner.models.tutorial import DeepNN, LightNN

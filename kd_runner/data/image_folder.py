@@ -16,6 +16,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 def _list(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
     items = []
     for label, cls in enumerate(classes):
+        if not (split_dir / cls).is_dir():  # a split may lack a class (e.g. a small test set)
+            continue
         files = sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         items.extend((p, label) for p in files)
     return items
@@ -63,9 +65,12 @@ def load_tree(root: Path, channels: int | None, image_size: int | None, use_cach
 
     from PIL import Image
 
-    with Image.open(train_items[0][0]) as first:
-        inferred_channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
-        inferred_size = (first.size[1], first.size[0])
+    try:
+        with Image.open(train_items[0][0]) as first:
+            inferred_channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
+            inferred_size = (first.size[1], first.size[0])
+    except OSError as err:
+        raise UserError(f"dataset: cannot decode image '{train_items[0][0]}': {err}") from None
     if channels not in (None, 1, 3):
         raise UserError(f"dataset.channels={channels} is invalid; valid: null (infer), 1, 3")
     channels = channels or inferred_channels

@@ -26,5 +26,10 @@ def load(cfg) -> dict:
                     "or set dataset.download=true (needs network)"
                 ) from None
             raise UserError(f"dataset=mnist: cannot read '{root / 'MNIST' / 'raw'}': {err}") from None
+        except (AssertionError, ValueError, OSError) as err:  # torchvision asserts on a non-IDX file
+            raise UserError(
+                f"dataset=mnist: the files in '{root / 'MNIST' / 'raw'}' are not uncompressed IDX files "
+                f"({type(err).__name__}{': ' + str(err) if str(err) else ''}); gunzip them or re-download"
+            ) from None
         splits[name] = Split(ds.data.unsqueeze(1).contiguous(), ds.targets)
     return {**splits, "classes": [str(i) for i in range(10)], "source": f"torchvision MNIST at {root}"}

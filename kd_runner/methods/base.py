@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from kd_runner.errors import UserError
+from kd_runner.errors import UserError, number
 
 
 @dataclass
@@ -55,7 +55,7 @@ class LayerPairMethod(Method):
 
 
 def nonneg(name: str, value: float) -> float:
-    value = float(value)
+    value = number(value, f"method.{name}")
     if value < 0:
         raise UserError(f"method.{name}={value:g} is invalid; loss weights must be >= 0")
     return value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_runner.errors import UserError
+from kd_runner.errors import UserError, number
 from kd_runner.methods.base import Method, Outputs, nonneg
 
 
@@ -21,9 +21,9 @@ class KD(Method):
 
     def __init__(self, T: float = 2.0, soft_weight: float = 0.25, ce_weight: float = 0.75) -> None:
         super().__init__(ce_weight)
-        if float(T) <= 0:
-            raise UserError(f"method.T={float(T):g} is invalid; the temperature must be > 0")
-        self.T = float(T)
+        self.T = number(T, "method.T")
+        if self.T <= 0:
+            raise UserError(f"method.T={self.T:g} is invalid; the temperature must be > 0")
         self.soft_weight = nonneg("soft_weight", soft_weight)
 
     def loss(self, student: Outputs, teacher: Outputs | None, targets: Tensor, extra: nn.Module) -> dict[str, Tensor]:
