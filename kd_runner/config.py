@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kd_runner.engine import build_optimizer, build_scheduler
-from kd_runner.errors import UserError, choices
+from kd_runner.errors import UserError, choices, number
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TEACHER_OUTPUTS = ("auto", "cache", "live")
@@ -71,7 +71,22 @@ def validate(cfg: DictConfig) -> Trainer:
     frac = cfg.dataset.get("val_fraction") or 0.0
     if not isinstance(frac, (int, float)) or not 0.0 <= float(frac) < 1.0:
         raise UserError(f"dataset.val_fraction={frac!r} is invalid; it must be in [0, 1)")
+    for key in ("split_seed", "image_size", "channels"):
+        if cfg.dataset.get(key) is not None:
+            number(cfg.dataset.get(key), f"dataset.{key}", int)
+    std = cfg.dataset.get("std")
+    if std is not None and any(number(v, "dataset.std") <= 0 for v in std):
+        raise UserError(f"dataset.std={list(std)} is invalid; every value must be > 0")
+    phases = cfg.get("augment", {}).get("phases")
+    if phases is not None and not OmegaConf.is_list(phases):
+        raise UserError(f"augment.phases={phases!r} is invalid; give a list, e.g. [teacher,baseline,student]")
     trainer = Trainer.from_cfg(cfg.trainer)
     probe = torch.nn.Parameter(torch.zeros(1))
-    build_scheduler(cfg.scheduler, build_optimizer(cfg.optimizer, [probe]), max(1, trainer.student_epochs))
+    try:  # torch's own range checks (momentum with nesterov, negative decay, factor >= 1, ...)
+        optimizer = build_optimizer(cfg.optimizer, [probe])
+        build_scheduler(cfg.scheduler, optimizer, max(1, trainer.student_epochs))
+    except (ValueError, ZeroDivisionError) as err:
+        raise UserError(f"optimizer={cfg.optimizer.name} / scheduler={cfg.scheduler.name}: {err}") from None
+    if cfg.scheduler.name == "step" and number(cfg.scheduler.step_size, "scheduler.step_size", int) < 1:
+        raise UserError(f"scheduler.step_size={cfg.scheduler.step_size} is invalid; it must be >= 1")
     return trainer

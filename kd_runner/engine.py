@@ -18,7 +18,7 @@ from kd_runner.data.tensors import Normalizer, Split, batches
 from kd_runner.errors import UserError, choices, number
 from kd_runner.methods import Method, Outputs
 from kd_runner.taps import Taps
-from kd_runner.utils import atomic_torch_save
+from kd_runner.utils import atomic_torch_save, derive_seed
 
 
 def set_train_mode(model: nn.Module, training: bool) -> None:
@@ -211,7 +211,7 @@ def fit(
     params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
     optimizer = build_optimizer(optimizer_cfg, params)
     scheduler = build_scheduler(scheduler_cfg, optimizer, epochs)
-    order = torch.Generator().manual_seed(seed)  # batch order: identical for baseline and student
+    order = torch.Generator().manual_seed(derive_seed(seed, "batch_order"))  # same for baseline and student
     result = PhaseResult()
     if state_path is not None and state_path.is_file():
         _load_state(state_path, model, extra, optimizer, scheduler, order, result)

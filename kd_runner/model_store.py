@@ -18,7 +18,8 @@ import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 
-from kd_runner.utils import atomic_write_text, stable_hash
+from kd_runner import __version__
+from kd_runner.utils import atomic_write_text, resolve_device, stable_hash
 
 DATASET_LOCATION_KEYS = ("root", "download", "decode_cache", "verify_md5")
 
@@ -38,7 +39,9 @@ def _training_material(cfg: DictConfig, epochs: int, data_fingerprint: dict, aug
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
         "training": {"epochs": epochs, "batch_size": cfg.trainer.batch_size,
                      "deterministic": cfg.trainer.deterministic, "augment": repr(augment)},
-        "versions": {"torch": _major_minor(torch.__version__), "torchvision": _major_minor(torchvision.__version__)},
+        "versions": {"torch": _major_minor(torch.__version__), "torchvision": _major_minor(torchvision.__version__),
+                     "kd_runner": __version__},
+        "device": resolve_device(str(cfg.trainer.device)).type,
     }
 
 
@@ -86,4 +89,7 @@ class ModelStore:
 
     def read_meta(self, key: str) -> dict:
         path = self.root / key / "meta.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except json.JSONDecodeError:
+            return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from pathlib import Path
 
@@ -26,13 +27,14 @@ from kd_runner.utils import (
     atomic_torch_save,
     atomic_write_text,
     count_params,
+    derive_seed,
     resolve_device,
     seed_everything,
     weights_hash,
 )
 
-# offsets keep each phase's RNG stream independent of the phases before it
-SEED_TEACHER, SEED_STUDENT_INIT, SEED_EXTRA, SEED_TRAIN = 0, 1, 2, 3
+# each role draws from its own stream, derived from (seed, role) so no run's stream is another's
+SEED_TEACHER, SEED_STUDENT_INIT, SEED_EXTRA, SEED_TRAIN = "teacher_init", "student_init", "extra_init", "train"
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -46,6 +48,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(trainer.device)
     method = build_method(cfg.method)
     augments = phase_augments(cfg.augment)
+    if method.needs_teacher:
+        _teacher_output_mode(trainer.teacher_outputs, augments["student"])  # fail before training anything
     timings: dict[str, float] = {}
     state_dir = claim_state_dir(run_dir, report.config_hash(cfg))
 
@@ -59,9 +63,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     shape, classes = data.input_shape(), data.num_classes
     teacher = None
     if method.needs_teacher:
-        seed_everything(int(cfg.teacher_seed) + SEED_TEACHER)
+        seed_everything(derive_seed(int(cfg.teacher_seed), SEED_TEACHER))
         teacher = build_model(cfg.teacher, shape, classes).to(device)
-    seed_everything(seed + SEED_STUDENT_INIT)
+    seed_everything(derive_seed(seed, SEED_STUDENT_INIT))
     student_init = build_model(cfg.student, shape, classes).to(device)
     extra = _build_extra(method, student_init, teacher, data, env, seed)
     init_hash = weights_hash(student_init)
@@ -82,7 +86,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         baseline = copy.deepcopy(student_init)
 
         def train_baseline() -> PhaseResult:
-            seed_everything(seed + SEED_TRAIN)
+            seed_everything(derive_seed(seed, SEED_TRAIN))
             return fit("baseline", baseline, CE(), data.train, data.val, env, epochs=trainer.student_epochs,
                        optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
                        state_path=state_dir / "baseline.pt", augment=augments["baseline"])
@@ -103,7 +107,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         t_out = TeacherOutputs(teacher, method.teacher_taps, env, data.train, mode)
         teacher_info["outputs"] = mode
         teacher_info["outputs_cache_seconds"] = round(t_out.cache_seconds, 3)
-    seed_everything(seed + SEED_TRAIN)
+    seed_everything(derive_seed(seed, SEED_TRAIN))
     res = fit("student", student, method, data.train, data.val, env, epochs=trainer.student_epochs,
               optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed, teacher=t_out, extra=extra,
               state_path=state_dir / "student.pt", augment=augments["student"])
@@ -114,8 +118,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     histories += res.history
 
     timings["total"] = time.perf_counter() - wall0
-    return report.write(run_dir, cfg=cfg, data=data, method=method, models=models, teacher=teacher_info,
-                        histories=histories, timings=timings, device=device)
+    rep = report.write(run_dir, cfg=cfg, data=data, method=method, models=models, teacher=teacher_info,
+                       histories=histories, timings=timings, device=device)
+    shutil.rmtree(state_dir, ignore_errors=True)  # the report is complete: resume state is no longer needed
+    return rep
 
 
 def _normalizer(data: DataBundle):
@@ -129,7 +135,7 @@ def _build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, 
     """Resolve taps on both models and let the method build its trainable extras for those shapes."""
     s_shapes = probe_shapes(student, method.student_taps, data.train, env, "student")
     t_shapes = probe_shapes(teacher, method.teacher_taps, data.train, env, "teacher") if teacher is not None else {}
-    seed_everything(seed + SEED_EXTRA)
+    seed_everything(derive_seed(seed, SEED_EXTRA))
     return method.extra_modules(s_shapes, t_shapes).to(env.device)
 
 
@@ -153,7 +159,7 @@ def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed,
         return {"source": "checkpoint", "path": path}, None
 
     def train_teacher() -> PhaseResult:
-        seed_everything(seed + SEED_TRAIN)
+        seed_everything(derive_seed(seed, SEED_TRAIN))
         return fit("teacher", teacher, CE(), data.train, data.val, env, epochs=trainer.teacher_epochs,
                    optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
                    state_path=state_dir / "teacher.pt", augment=augment)
@@ -171,9 +177,9 @@ def _stored(cfg, kind: str, key: tuple[str, dict] | None, model: nn.Module, mode
     store = ModelStore(Path(str(cfg.paths.cache_dir)) / kind)
     entry = store.entry(key)
     with store.locked(key):
-        if entry.is_file():
+        meta = store.read_meta(key)
+        if entry.is_file() and meta:
             checkpoints.load_weights(entry, model, f"{kind} cache entry")
-            meta = store.read_meta(key)
             res = PhaseResult(history=meta.get("history", []), best_val_acc=meta.get("best_val_acc"),
                               best_epoch=meta.get("best_epoch"), train_seconds=meta.get("train_seconds", 0.0))
             if store.best_entry(key).is_file():
@@ -182,12 +188,13 @@ def _stored(cfg, kind: str, key: tuple[str, dict] | None, model: nn.Module, mode
             return {"source": "cache", "key": key, "path": str(entry.resolve()),
                     "trained_in": meta.get("trained_in")}, res
         res = train()
-        checkpoints.save(entry, model, model_cfg, data.input_shape(), data.num_classes)
+        # model.pt goes last: an entry counts only once it and meta.json are both there
         if res.best_state is not None:
             atomic_torch_save({"model": res.best_state["model"]}, store.best_entry(key))
         store.write_meta(key, {"trained_in": str(run_dir.resolve()), "train_seconds": round(res.train_seconds, 3),
                                "history": res.history, "best_val_acc": res.best_val_acc,
                                "best_epoch": res.best_epoch, "key_material": material})
+        checkpoints.save(entry, model, model_cfg, data.input_shape(), data.num_classes)
     return {"source": "trained", "key": key, "path": str(entry.resolve())}, res
 
 
@@ -195,7 +202,7 @@ def claim_state_dir(run_dir: Path, cfg_hash: str) -> Path:
     """``run_dir/state``, where per-epoch training state lives; refuse state left by another config."""
     state_dir = run_dir / "state"
     marker = state_dir / "config_hash"
-    if marker.is_file() and marker.read_text().strip() != cfg_hash:
+    if marker.is_file() and marker.read_text().strip() != cfg_hash and any(state_dir.glob("*.pt")):
         raise UserError(
             f"run dir '{run_dir}' holds the partial state of a different config (hash {marker.read_text().strip()}, "
             f"this one {cfg_hash}); rerun with the original overrides or choose another hydra.run.dir"

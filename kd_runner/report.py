@@ -38,6 +38,13 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
+def _task_overrides() -> list[str]:
+    """This job's own overrides (a sweep's point), as Hydra recorded them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -63,6 +70,7 @@ def write(run_dir: Path, *, cfg: DictConfig, data: DataBundle, method: Method, m
         "device_name": _device_name(device),
         "versions": versions(),
         "command": " ".join(sys.argv),
+        "overrides": _task_overrides(),
         "config_hash": config_hash(cfg),
         "dataset": {"name": data.name, "source": data.source, "train": len(data.train),
                     "val": len(data.val) if data.val is not None else 0, "test": len(data.test),
@@ -82,6 +90,7 @@ def write(run_dir: Path, *, cfg: DictConfig, data: DataBundle, method: Method, m
     _plot(run_dir / "curves.png", histories)
     atomic_write_text(run_dir / "report.md", markdown(rep))
     atomic_write_text(run_dir / "report.json", json.dumps(rep, indent=2, default=str))
+    (run_dir / "error.txt").unlink(missing_ok=True)
     print(console_table(rep))
     return rep
 

@@ -22,11 +22,14 @@ METRICS = ("teacher_acc", "baseline_acc", "student_acc", "kd_gain", "student_bes
 SEED_KEYS = ("seed",)
 
 
-def _overrides(job_dir: Path) -> dict[str, str]:
+def _overrides(job_dir: Path, rep: dict) -> dict[str, str]:
+    """The job's overrides as its report recorded them (``.hydra/`` may describe a later, failed rerun)."""
     import yaml
 
     path = job_dir / ".hydra" / "overrides.yaml"
-    items = yaml.safe_load(path.read_text()) if path.is_file() else []
+    items = rep.get("overrides")
+    if items is None:
+        items = yaml.safe_load(path.read_text()) if path.is_file() else []
     out = {}
     for item in items or []:
         key, _, value = str(item).partition("=")
@@ -49,7 +52,7 @@ def collect(sweep_dir: Path) -> list[dict]:
         m = rep["models"]
         rows.append({
             "job": str(rep_path.parent.relative_to(sweep_dir)),
-            "overrides": _overrides(rep_path.parent),
+            "overrides": _overrides(rep_path.parent, rep),
             "teacher_acc": m.get("teacher", {}).get("test_acc"),
             "baseline_acc": m.get("baseline", {}).get("test_acc"),
             "student_acc": m["student"]["test_acc"],

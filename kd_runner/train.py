@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from kd_runner.errors import UserError, choices
 
 EXIT_USER_ERROR = 2
+FAILED_JOBS: list[str] = []  # multirun jobs (run in this process) that ended with a user error
 
 
 def config_dir() -> Path:
@@ -132,6 +133,7 @@ def objective(rep: dict) -> float:
 @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from kd_runner import pipeline
 
@@ -140,6 +142,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if done is not None:
         print(f"kd-train: {run_dir} already holds a complete report of this config; skipping")
         return objective(done)
+    if (run_dir / "report.json").is_file():  # another config's report: keep it, but not as this run's
+        (run_dir / "report.json").replace(run_dir / "report.superseded.json")
     if cfg.trainer.get("num_threads") is None:
         torch_threads_for_parallel_jobs()
     previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -147,6 +151,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         rep = pipeline.run(cfg, run_dir)
     except UserError as err:
         _report_user_error(err, run_dir)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # let the other jobs of the sweep run
+            FAILED_JOBS.append(str(run_dir))
+            return float("nan")
         sys.exit(EXIT_USER_ERROR)
     except Stopped as stop:
         print(f"kd-train: stopped by {stop}; state up to the last finished epoch is in {run_dir / 'state'}; "
@@ -166,6 +173,10 @@ def main() -> None:
         _report_user_error(err)
         sys.exit(EXIT_USER_ERROR)
     _hydra_main()
+    if FAILED_JOBS:
+        print(f"kd-train: error: {len(FAILED_JOBS)} sweep job(s) failed, see error.txt in: {', '.join(FAILED_JOBS)}",
+              file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

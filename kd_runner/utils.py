@@ -27,6 +27,11 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def derive_seed(seed: int, role: str) -> int:
+    """A seed for ``role`` that no other (seed, role) pair shares: ``seed + k`` streams would overlap."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{role}".encode()).digest()[:8], "little") % 2**62
+
+
 def weights_hash(module: nn.Module) -> str:
     """Hash of a module's parameters and buffers: proves two models start identical."""
     h = hashlib.sha256()

@@ -107,13 +107,13 @@ def test_resnet_experiment_offline_overrides_and_frozen_backbone(cifar_resnet_ru
 
     from kd_runner.models import build_model
     from kd_runner.pipeline import SEED_TEACHER
-    from kd_runner.utils import seed_everything
+    from kd_runner.utils import derive_seed, seed_everything
 
     _, run_dir, rep = cifar_resnet_run
     arch = rep["models"]["teacher"]["arch"]
     assert (arch["name"], arch["weights"], arch["resize"], arch["freeze_backbone"]) == ("resnet18", None, 32, True)
     trained = torch.load(run_dir / "checkpoints" / "teacher.pt", map_location="cpu", weights_only=True)["model"]
-    seed_everything(rep["config"].get("teacher_seed", rep["seed"]) + SEED_TEACHER)
+    seed_everything(derive_seed(rep["config"].get("teacher_seed", rep["seed"]), SEED_TEACHER))
     init = build_model(OmegaConf.create(arch), (3, 32, 32), 10).state_dict()
     assert set(trained) == set(init)
     changed = sorted(k for k in init if not torch.equal(init[k], trained[k]))

@@ -128,14 +128,8 @@ def test_sigterm_mid_student_then_rerun_matches_uninterrupted_run(tmp_path):
     base = tmp_path / "cut"
     base.mkdir()
     run_dir = base / "run"
-    cmd = [sys.executable, "-m", "kd_runner.train", *helpers.merge_overrides(RESUME_ARGS), f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(cmd, cwd=base, env=helpers.cli_env(base), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 240
-    while not (run_dir / "state" / "student.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc = start_and_stop(RESUME_ARGS, base, run_dir, "student.pt")
+    err = proc.stderr
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     last = [line for line in err.splitlines() if line.strip()][-1]
     assert last.startswith("kd-train: stopped by SIGTERM") and "Traceback" not in err
@@ -149,12 +143,41 @@ def test_sigterm_mid_student_then_rerun_matches_uninterrupted_run(tmp_path):
     assert helpers.loss_columns(helpers.read_metrics(run_dir)) == helpers.loss_columns(helpers.read_metrics(full_dir))
 
 
-def test_state_of_another_config_is_refused(tmp_path):
-    proc, run_dir = helpers.run_cli(["trainer.bench_iters=0"], tmp_path)
-    helpers.assert_ok(proc, run_dir)
-    (run_dir / "report.json").unlink()  # looks interrupted; now rerun with a different method
-    proc, _ = helpers.run_cli(["trainer.bench_iters=0", "method=hint"], tmp_path, run_dir=run_dir)
+def start_and_stop(args: list[str], base: Path, run_dir: Path, state_file: str) -> subprocess.CompletedProcess:
+    """Start a run, SIGTERM it once ``state/<state_file>`` exists, and return the finished process."""
+    cmd = [sys.executable, "-m", "kd_runner.train", *helpers.merge_overrides(args), f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=base, env=helpers.cli_env(base), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "state" / state_file).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_state_of_another_config_is_refused_and_a_complete_run_cleans_it(tmp_path):
+    run_dir = tmp_path / "run"
+    stopped = start_and_stop(RESUME_ARGS, tmp_path, run_dir, "teacher.pt")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    proc, _ = helpers.run_cli([*RESUME_ARGS, "method=hint"], tmp_path, run_dir=run_dir)
     helpers.assert_user_error(proc, run_dir, "different config")
+    proc, _ = helpers.run_cli(RESUME_ARGS, tmp_path, run_dir=run_dir)  # the original config resumes and finishes
+    helpers.assert_ok(proc, run_dir)
+    assert not (run_dir / "state").exists() and not (run_dir / "error.txt").exists()
+
+
+def test_one_bad_job_does_not_stop_the_sweep(tmp_path):
+    base = tmp_path
+    cmd = [sys.executable, "-m", "kd_runner.train", "-m", *helpers.merge_overrides(["optimizer.lr=-1,0.001",
+                                                                                      "trainer.bench_iters=0"]),
+           f"hydra.sweep.dir={base / 'sweep'}"]
+    proc = subprocess.run(cmd, cwd=base, env=helpers.cli_env(base), capture_output=True, text=True,
+                          timeout=helpers.CLI_TIMEOUT_S)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "optimizer.lr=-1" in (base / "sweep" / "0" / "error.txt").read_text()
+    assert (base / "sweep" / "1" / "report.json").is_file()
+    assert len(read_csv(base / "sweep" / "summary.csv")) == 1
 
 
 def test_optuna_search_writes_best_setting(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,14 +29,16 @@ def cache_dir() -> Path:
     return _ROOT if _ROOT is not None else Path(os.environ.get("KD_CACHE_DIR", "outputs/.cache")).expanduser()
 
 
-def source_fingerprint(files: list[Path]) -> dict:
-    """Cheap identity of a file tree: count, total size, newest mtime."""
-    size, newest = 0, 0.0
-    for f in files:
-        st = f.stat()
-        size += st.st_size
-        newest = max(newest, st.st_mtime)
-    return {"files": len(files), "bytes": size, "mtime": round(newest, 3)}
+def source_fingerprint(items: list[tuple[Path, int]], root: Path) -> dict:
+    """Identity of a labelled file tree: every file's relative path, label, size and mtime.
+
+    A moved (relabelled) image changes the key even though counts and sizes do not.
+    """
+    h = hashlib.sha256()
+    for path, label in sorted(items, key=lambda it: str(it[0])):
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return {"files": len(items), "sha256": h.hexdigest()[:16]}
 
 
 def cached_decode(key: dict, decode: Callable[[], Decoded], enabled: bool = True) -> tuple[Decoded, bool]:

@@ -77,9 +77,8 @@ def load_tree(root: Path, channels: int | None, image_size: int | None, use_cach
     size = (int(image_size), int(image_size)) if image_size else inferred_size
     mode = "L" if channels == 1 else "RGB"
 
-    files = [p for p, _ in train_items + test_items]
     key = {"kind": "image_folder", "root": str(root.resolve()), "mode": mode, "size": size,
-           "fingerprint": source_fingerprint(files), "classes": classes}
+           "fingerprint": source_fingerprint(train_items + test_items, root), "classes": classes}
 
     def decode() -> dict:
         return {"train": _decode(train_items, mode, size), "test": _decode(test_items, mode, size)}

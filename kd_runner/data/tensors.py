@@ -62,7 +62,7 @@ class DataBundle:
         h.update(self.train.images.contiguous().numpy().tobytes())
         h.update(self.train.labels.contiguous().numpy().tobytes())
         return {"train": len(self.train), "val": len(self.val) if self.val is not None else 0,
-                "test": len(self.test), "train_sha256": h.hexdigest()[:16], "mean": self.mean, "std": self.std}
+                "train_sha256": h.hexdigest()[:16], "mean": self.mean, "std": self.std}
 
 
 class Normalizer:
