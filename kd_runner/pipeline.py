@@ -16,7 +16,7 @@ from kd_runner.config import validate
 from kd_runner.data import build_data
 from kd_runner.data.augment import Augment, phase_augments
 from kd_runner.data.cache import set_cache_dir
-from kd_runner.data.tensors import DataBundle
+from kd_runner.data.tensors import DataBundle, Normalizer
 from kd_runner.engine import Env, PhaseResult, TeacherOutputs, fit, predict_accuracy, probe_shapes
 from kd_runner.errors import UserError
 from kd_runner.methods import CE, build_method
@@ -48,15 +48,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(trainer.device)
     method = build_method(cfg.method)
     augments = phase_augments(cfg.augment)
-    if method.needs_teacher:
-        _teacher_output_mode(trainer.teacher_outputs, augments["student"])  # fail before training anything
+    # decided (and checked) before training anything
+    outputs_mode = _teacher_output_mode(trainer.teacher_outputs, augments["student"]) if method.needs_teacher else None
     timings: dict[str, float] = {}
     state_dir = claim_state_dir(run_dir, report.config_hash(cfg))
 
     t0 = time.perf_counter()
     set_cache_dir(Path(str(cfg.paths.cache_dir)))
     data = build_data(cfg.dataset)
-    env = Env(device, _normalizer(data), trainer.batch_size, trainer.eval_batch_size, trainer.progress)
+    env = Env(device, Normalizer(data.mean, data.std), trainer.batch_size, trainer.eval_batch_size, trainer.progress)
     timings["data"] = time.perf_counter() - t0
 
     # Build everything before training anything: bad layer names or shapes fail in seconds.
@@ -91,7 +91,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                        optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
                        state_path=state_dir / "baseline.pt", augment=augments["baseline"])
 
-        key = (baseline_key(cfg, data.fingerprint(), init_hash, augments["baseline"])
+        key = (baseline_key(cfg, data.fingerprint, init_hash, augments["baseline"])
                if trainer.baseline_cache else None)
         source, res = _stored(cfg, "baselines", key, baseline, cfg.student, data, run_dir, train_baseline)
         timings["baseline"] = time.perf_counter() - t0
@@ -103,9 +103,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     student = copy.deepcopy(student_init)
     t_out = None
     if teacher is not None:
-        mode = _teacher_output_mode(trainer.teacher_outputs, augments["student"])
-        t_out = TeacherOutputs(teacher, method.teacher_taps, env, data.train, mode)
-        teacher_info["outputs"] = mode
+        t_out = TeacherOutputs(teacher, method.teacher_taps, env, data.train, outputs_mode)
+        teacher_info["outputs"] = outputs_mode
         teacher_info["outputs_cache_seconds"] = round(t_out.cache_seconds, 3)
     seed_everything(derive_seed(seed, SEED_TRAIN))
     res = fit("student", student, method, data.train, data.val, env, epochs=trainer.student_epochs,
@@ -122,12 +121,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                        histories=histories, timings=timings, device=device)
     shutil.rmtree(state_dir, ignore_errors=True)  # the report is complete: resume state is no longer needed
     return rep
-
-
-def _normalizer(data: DataBundle):
-    from kd_runner.data.tensors import Normalizer
-
-    return Normalizer(data.mean, data.std)
 
 
 def _build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, data: DataBundle,
@@ -164,7 +157,7 @@ def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed,
                    optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
                    state_path=state_dir / "teacher.pt", augment=augment)
 
-    key = teacher_key(cfg, data.fingerprint(), augment) if trainer.teacher_cache else None
+    key = teacher_key(cfg, data.fingerprint, augment) if trainer.teacher_cache else None
     return _stored(cfg, "teachers", key, teacher, cfg.teacher, data, run_dir, train_teacher)
 
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_runner import __version__
 from kd_runner.data.tensors import DataBundle
 from kd_runner.methods.base import Method
-from kd_runner.utils import atomic_write_text, stable_hash
+from kd_runner.utils import atomic_write_text, save_figure, stable_hash
 
 ROLES = ("teacher", "baseline", "student")
 # keys that say where things are or how loud the run is, not what it computes
@@ -128,12 +128,7 @@ def _plot(path: Path, rows: list[dict]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    from kd_runner.utils import atomic_write_bytes
-
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def _fmt(v, spec: str = ".2f") -> str:

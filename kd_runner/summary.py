@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from kd_runner.errors import UserError
-from kd_runner.utils import atomic_write_bytes, atomic_write_text
+from kd_runner.utils import atomic_write_text, save_figure
 
 METRICS = ("teacher_acc", "baseline_acc", "student_acc", "kd_gain", "student_best_val", "wall_s")
 SEED_KEYS = ("seed",)
@@ -219,12 +219,7 @@ def _heatmap(sweep_dir: Path, grouped: list[dict], keys: list[str]) -> str:
 
 
 def _save(fig, sweep_dir: Path, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(sweep_dir / name, buf.getvalue())
+    save_figure(fig, sweep_dir / name)
     return name
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -56,8 +57,9 @@ class DataBundle:
     def input_shape(self) -> tuple[int, int, int]:
         return (self.channels, *self.image_size)
 
+    @cached_property
     def fingerprint(self) -> dict:
-        """Identity of what a model trains on: split sizes and a hash of the training tensors."""
+        """Identity of what a model trains on: split sizes and a hash of the training tensors (hashed once)."""
         h = hashlib.sha256()
         h.update(self.train.images.contiguous().numpy().tobytes())
         h.update(self.train.labels.contiguous().numpy().tobytes())
