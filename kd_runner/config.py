@@ -7,11 +7,14 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kd_runner.compute import resolve_compute
+from kd_runner.data import DATA_PATHS
 from kd_runner.engine import build_optimizer, build_scheduler
 from kd_runner.errors import UserError, choices, number
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TEACHER_OUTPUTS = ("auto", "cache", "live")
+DATA_ON_DEVICE = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,13 @@ class Trainer:
     baseline_cache: bool
     progress: bool
     bench_iters: int
+    channels_last: str = "auto"
+    amp: str = "auto"
+    compile: bool = False
+    data_on_device: str = "auto"
+    cuda_graphs: str = "auto"
+    data_path: str = "auto"
+    num_workers: int = 2
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Trainer:
@@ -46,6 +56,13 @@ class Trainer:
             baseline_cache=bool(cfg.get("baseline_cache", True)),
             progress=bool(cfg.progress),
             bench_iters=_int(cfg, "bench_iters", 0),
+            channels_last=str(cfg.get("channels_last", "auto")),
+            amp=str(cfg.get("amp", "auto")),
+            compile=_bool(cfg, "compile"),
+            data_on_device=str(cfg.get("data_on_device", "auto")),
+            cuda_graphs=str(cfg.get("cuda_graphs", "auto")),
+            data_path=str(cfg.get("data_path", "auto")),
+            num_workers=_int(cfg, "num_workers", 0) if "num_workers" in cfg else 2,
         )
         if t.device not in DEVICES:
             raise UserError(f"trainer.device={t.device!r} is invalid; valid: {choices(DEVICES)}")
@@ -53,7 +70,20 @@ class Trainer:
             raise UserError(
                 f"trainer.teacher_outputs={t.teacher_outputs!r} is invalid; valid: {choices(TEACHER_OUTPUTS)}"
             )
+        if t.data_path not in DATA_PATHS:
+            raise UserError(f"trainer.data_path={t.data_path!r} is invalid; valid: {choices(DATA_PATHS)}")
+        if t.data_on_device not in DATA_ON_DEVICE:
+            raise UserError(f"trainer.data_on_device={t.data_on_device!r} is invalid; valid: {choices(DATA_ON_DEVICE)}")
+        # checks the values (the device is settled at run time)
+        resolve_compute(t.channels_last, t.amp, t.compile, t.deterministic, torch.device("cpu"), t.cuda_graphs)
         return t
+
+
+def _bool(cfg: DictConfig, key: str) -> bool:
+    value = cfg.get(key, False)
+    if not isinstance(value, bool):
+        raise UserError(f"trainer.{key}={value!r} is invalid; it must be true or false")
+    return value
 
 
 def _int(cfg: DictConfig, key: str, minimum: int) -> int:

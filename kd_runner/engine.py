@@ -13,10 +13,13 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from kd_runner.compute import Compute, compile_once, to_model_format
 from kd_runner.data.augment import Augment
+from kd_runner.data.streaming import StreamSplit, stream_batches
 from kd_runner.data.tensors import Normalizer, Split, batches
 from kd_runner.errors import UserError, choices, number
 from kd_runner.methods import Method, Outputs
+from kd_runner.step import TrainStep, graphs_reason
 from kd_runner.taps import Taps
 from kd_runner.utils import atomic_torch_save, derive_seed
 
@@ -28,19 +31,24 @@ def set_train_mode(model: nn.Module, training: bool) -> None:
         m.eval()
 
 
-def build_optimizer(cfg: DictConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: DictConfig, params: list[nn.Parameter], fused: bool = False,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """``fused``: one kernel per step for all parameters (CUDA); ``capturable``: Adam's step can go in a CUDA graph."""
     name = str(cfg.name)
+    fast = {"fused": True} if fused else {}
+    adam_fast = {**fast, "capturable": True} if capturable else fast
     lr, wd = number(cfg.lr, "optimizer.lr"), number(cfg.get("weight_decay", 0.0), "optimizer.weight_decay")
     if lr <= 0:
         raise UserError(f"optimizer.lr={lr:g} is invalid; it must be > 0")
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(cfg.get("betas", (0.9, 0.999))))
+        betas = tuple(cfg.get("betas", (0.9, 0.999)))
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=betas, **adam_fast)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **adam_fast)
     if name == "sgd":
         momentum = number(cfg.get("momentum", 0.0), "optimizer.momentum")
         return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=momentum,
-                               nesterov=bool(cfg.get("nesterov", False)))
+                               nesterov=bool(cfg.get("nesterov", False)), **fast)
     raise UserError(f"optimizer.name={name!r} is unknown; valid: {choices(['adam', 'adamw', 'sgd'])}")
 
 
@@ -63,16 +71,51 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: i
 
 @dataclass
 class Env:
-    """What every phase shares: device, normaliser, batch sizes, progress bar switch."""
+    """What every phase shares: device, normaliser, batch sizes, compute path, where the data lives."""
 
     device: torch.device
     normalize: Normalizer
     batch_size: int
     eval_batch_size: int
     progress: bool = True
+    compute: Compute = field(default_factory=Compute)
+    data_on_device: str = "auto"  # auto | on | off: keep whole splits in GPU memory (CUDA only)
+    _staged: dict[int, tuple[Split, Split]] = field(default_factory=dict, repr=False)
 
     def prepare(self, images: Tensor) -> Tensor:
         return self.normalize(images.to(self.device, non_blocking=True))
+
+    def stage(self, split: Split) -> Split:
+        """``split`` in GPU memory when it fits (once per split), else as it is."""
+        if self.device.type != "cuda" or self.data_on_device == "off" or isinstance(split, StreamSplit):
+            return split
+        if id(split) not in self._staged:
+            fits = self.data_on_device == "on" or _fits_on_gpu(split, self.device)
+            self._staged[id(split)] = (split, Split(split.images.to(self.device), split.labels.to(self.device))
+                                       if fits else split)
+        return self._staged[id(split)][1]
+
+    def batches(self, split: Split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None):
+        """:func:`batches` over ``split`` where it lives; host batches bound for a GPU go through pinned memory."""
+        if isinstance(split, StreamSplit):
+            return stream_batches(split, batch_size, shuffle=shuffle, generator=generator,
+                                  pin=self.device.type == "cuda")
+        staged = self.stage(split)
+        pin = self.device.type == "cuda" and staged.images.device.type == "cpu"
+        return batches(staged, batch_size, shuffle=shuffle, generator=generator, pin=pin)
+
+    def residency(self, split: Split) -> str:
+        if isinstance(split, StreamSplit):
+            return f"streamed by {split.num_workers} DataLoader workers"
+        if self.device.type != "cuda":
+            return "host"
+        return "device" if self.stage(split).images.device.type == "cuda" else "pinned host"
+
+
+def _fits_on_gpu(split: Split, device: torch.device, share: float = 0.25) -> bool:
+    """Whole-split residency may take at most ``share`` of the GPU memory free now."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return split.images.numel() * split.images.element_size() + split.labels.numel() * 8 < share * free
 
 
 class TeacherOutputs:
@@ -80,6 +123,7 @@ class TeacherOutputs:
 
     ``cache`` mode runs the teacher once over the training split and indexes the result
     (valid only when training views are deterministic); ``live`` runs it on each batch.
+    Both run under ``torch.inference_mode`` (no autograd bookkeeping) and the run's autocast.
     """
 
     def __init__(self, teacher: nn.Module, taps: list[str], env: Env, split: Split, mode: str) -> None:
@@ -89,40 +133,48 @@ class TeacherOutputs:
         set_train_mode(teacher, False)
         for p in teacher.parameters():
             p.requires_grad_(False)
+        compile_once(teacher, env.compute)
         if mode == "cache":
             start = time.perf_counter()
             self.cache = self._run_over(split)
+            if env.device.type == "cuda":
+                torch.cuda.synchronize(env.device)
             self.cache_seconds = time.perf_counter() - start
 
     def _forward(self, x: Tensor) -> Outputs:
-        with torch.no_grad(), Taps(self.teacher, self.taps, "teacher") as taps:
-            logits = self.teacher(x)
+        """Teacher outputs as inference tensors: fine to index or cat, not to save for backward."""
+        with torch.inference_mode(), self.env.compute.autocast(self.env.device), \
+                Taps(self.teacher, self.taps, "teacher") as taps:
+            logits = self.teacher(to_model_format(x, self.teacher))
             return Outputs(logits, taps.take())
 
     def _run_over(self, split: Split) -> Outputs:
         logits, feats = [], {n: [] for n in self.taps}
-        for _, xb, _ in batches(split, self.env.eval_batch_size, shuffle=False):
+        for _, xb, _ in self.env.batches(split, self.env.eval_batch_size, shuffle=False):
             out = self._forward(self.env.prepare(xb))
             logits.append(out.logits)
             for n in self.taps:
                 feats[n].append(out.feats[n])
+        # cat outside inference mode: the cache holds ordinary tensors that losses may save for backward
         return Outputs(torch.cat(logits), {n: torch.cat(v) for n, v in feats.items()})
 
     def __call__(self, idx: Tensor, x: Tensor) -> Outputs:
         if self.cache is None:
-            return self._forward(x)
+            out = self._forward(x)
+            return Outputs(out.logits.clone(), {n: v.clone() for n, v in out.feats.items()})
         idx = idx.to(self.cache.logits.device)
         return Outputs(self.cache.logits[idx], {n: v[idx] for n, v in self.cache.feats.items()})
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_accuracy(model: nn.Module, split: Split, env: Env) -> float:
     """Top-1 accuracy (%) of ``model`` on ``split``, in eval mode."""
     was_training = model.training
     set_train_mode(model, False)
     correct = torch.zeros((), dtype=torch.long, device=env.device)
-    for _, xb, yb in batches(split, env.eval_batch_size, shuffle=False):
-        correct += (model(env.prepare(xb)).argmax(1) == yb.to(env.device)).sum()
+    with env.compute.autocast(env.device):
+        for _, xb, yb in env.batches(split, env.eval_batch_size, shuffle=False):
+            correct += (model(to_model_format(env.prepare(xb), model)).argmax(1) == yb.to(env.device)).sum()
     set_train_mode(model, was_training)
     return 100.0 * int(correct) / max(1, len(split))
 
@@ -134,7 +186,7 @@ def probe_shapes(model: nn.Module, names: list[str], split: Split, env: Env, rol
     was_training = model.training
     set_train_mode(model, False)
     with torch.no_grad(), Taps(model, names, role) as taps:
-        model(env.prepare(split.images[:2]))
+        model(to_model_format(env.prepare(split.head(2)), model))
         shapes = {n: t.shape for n, t in taps.take().items()}
     set_train_mode(model, was_training)
     return shapes
@@ -148,6 +200,7 @@ class PhaseResult:
     best_epoch: int | None = None
     train_seconds: float = 0.0
     resumed_from_epoch: int = 0
+    cuda_graph_replays: int = 0
 
 
 def _save_state(path: Path, model, extra, optimizer, scheduler, order: torch.Generator, result: PhaseResult) -> None:
@@ -208,8 +261,10 @@ def fit(
     extra = extra if extra is not None else nn.ModuleDict()
     model.to(env.device)
     extra.to(env.device)
+    compile_once(model, env.compute)
     params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
-    optimizer = build_optimizer(optimizer_cfg, params)
+    graphs = env.compute.cuda_graphs != "off" and graphs_reason(env, str(optimizer_cfg.name)) is None
+    optimizer = build_optimizer(optimizer_cfg, params, fused=env.device.type == "cuda", capturable=graphs)
     scheduler = build_scheduler(scheduler_cfg, optimizer, epochs)
     order = torch.Generator().manual_seed(derive_seed(seed, "batch_order"))  # same for baseline and student
     result = PhaseResult()
@@ -218,10 +273,10 @@ def fit(
         if env.progress and result.resumed_from_epoch < epochs:
             tqdm.write(f"[{phase}] resuming after epoch {result.resumed_from_epoch} from {state_path}")
     with Taps(model, method.student_taps, "student") as taps:
+        step = TrainStep(model, extra, method, env, taps, optimizer, teacher, graphs)
         for epoch in range(len(result.history) + 1, epochs + 1):
             t0 = time.perf_counter()
-            row = _train_epoch(phase, epoch, epochs, model, extra, method, train, env, taps, optimizer, order,
-                               teacher, augment)
+            row = _train_epoch(phase, epoch, epochs, model, extra, train, env, step, order, augment)
             if not math.isfinite(row["train_loss"]):
                 raise UserError(f"{phase}: training loss became {row['train_loss']} at epoch {epoch}; "
                                 f"lower optimizer.lr (now {optimizer_cfg.lr}) or the loss weights")
@@ -236,6 +291,7 @@ def fit(
             elif scheduler is not None:
                 scheduler.step()
             row["epoch_seconds"] = time.perf_counter() - t0
+            result.cuda_graph_replays = step.replays
             result.history.append(row)
             result.train_seconds += row["epoch_seconds"]
             if state_path is not None:
@@ -247,8 +303,8 @@ def fit(
     return result
 
 
-def _train_epoch(phase, epoch, epochs, model, extra, method, train, env, taps, optimizer, order, teacher,
-                 augment: Augment | None) -> dict:
+def _train_epoch(phase: str, epoch: int, epochs: int, model: nn.Module, extra: nn.Module, train: Split, env: Env,
+                 step: TrainStep, order: torch.Generator, augment: Augment | None) -> dict:
     """One pass over ``train``; loss parts and accuracy accumulate on the device (no per-step sync).
 
     Random views (``augment``) draw from ``order`` too, so one generator state pins the whole epoch;
@@ -256,30 +312,22 @@ def _train_epoch(phase, epoch, epochs, model, extra, method, train, env, taps, o
     """
     set_train_mode(model, True)
     extra.train()
-    sums: dict[str, Tensor] = {}
-    correct = torch.zeros((), dtype=torch.long, device=env.device)
+    step.reset()
     seen = 0
     n_batches = math.ceil(len(train) / env.batch_size)
-    bar = tqdm(batches(train, env.batch_size, shuffle=True, generator=order), total=n_batches,
+    bar = tqdm(env.batches(train, env.batch_size, shuffle=True, generator=order), total=n_batches,
                desc=f"{phase} {epoch}/{epochs}", disable=not env.progress, leave=False, dynamic_ncols=True)
-    for step, (idx, xb, yb) in enumerate(bar):
+    for i, (idx, xb, yb) in enumerate(bar):
+        xb = xb.to(env.device, non_blocking=True)
         if augment is not None:
-            xb = augment(xb.to(env.device, non_blocking=True), order)
-        x, y = env.prepare(xb), yb.to(env.device, non_blocking=True)
-        t_out = teacher(idx, x) if teacher is not None else None
-        logits = model(x)
-        losses = method.loss(Outputs(logits, taps.take()), t_out, y, extra)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        optimizer.step()
-        n = y.shape[0]
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + v.detach() * n
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += n
-        if env.progress and (step % 20 == 0 or step == n_batches - 1):
-            bar.set_postfix(loss=f"{float(sums['total']) / seen:.4f}", acc=f"{100.0 * int(correct) / seen:.2f}")
-    row = {"phase": phase, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-    row.update({f"train_{k}" if k != "total" else "train_loss": float(v) / seen for k, v in sums.items()})
-    row["train_acc"] = 100.0 * int(correct) / seen
+            xb = augment(xb, order)
+        y = yb.to(env.device, non_blocking=True)
+        step(idx, xb, y, full=y.shape[0] == env.batch_size)
+        seen += y.shape[0]
+        if env.progress and (i % 20 == 0 or i == n_batches - 1):
+            bar.set_postfix(loss=f"{float(step.sums['total']) / seen:.4f}",
+                            acc=f"{100.0 * int(step.correct) / seen:.2f}")
+    row = {"phase": phase, "epoch": epoch, "lr": step.optimizer.param_groups[0]["lr"]}
+    row.update({f"train_{k}" if k != "total" else "train_loss": float(v) / seen for k, v in step.sums.items()})
+    row["train_acc"] = 100.0 * int(step.correct) / seen
     return row

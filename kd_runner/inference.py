@@ -8,21 +8,32 @@ import time
 import torch
 from torch import nn
 
+from kd_runner.compute import Compute, to_model_format
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def measure(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device,
-            batch_size: int, iters: int) -> dict:
-    """Median batch-1 latency (ms) and throughput (images/s) at ``batch_size``; random inputs."""
+            batch_size: int, iters: int, compute: Compute | None = None) -> dict:
+    """Median batch-1 latency (ms) and throughput (images/s) at ``batch_size``; random inputs.
+
+    Runs on the run's compute path (memory format, autocast), so the figures are the ones a user gets.
+    """
     if iters <= 0:
         return {"latency_ms": None, "throughput_ips": None}
+    with (compute or Compute()).autocast(device):
+        return _measure(model, input_shape, device, batch_size, iters)
+
+
+def _measure(model: nn.Module, input_shape: tuple[int, int, int], device: torch.device,
+             batch_size: int, iters: int) -> dict:
     model.eval()
-    one = torch.randn(1, *input_shape, device=device)
-    many = torch.randn(batch_size, *input_shape, device=device)
+    one = to_model_format(torch.randn(1, *input_shape, device=device), model)
+    many = to_model_format(torch.randn(batch_size, *input_shape, device=device), model)
     for _ in range(2):
         model(one)
         model(many)

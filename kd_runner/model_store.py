@@ -19,7 +19,7 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 
 from kd_runner import __version__
-from kd_runner.utils import atomic_write_text, resolve_device, stable_hash
+from kd_runner.utils import atomic_write_text, code_hash, resolve_device, stable_hash
 
 DATASET_LOCATION_KEYS = ("root", "download", "decode_cache", "verify_md5")
 
@@ -38,9 +38,11 @@ def _training_material(cfg: DictConfig, epochs: int, data_fingerprint: dict, aug
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
         "training": {"epochs": epochs, "batch_size": cfg.trainer.batch_size,
-                     "deterministic": cfg.trainer.deterministic, "augment": repr(augment)},
+                     "deterministic": cfg.trainer.deterministic, "augment": repr(augment),
+                     # bf16 autocast changes the weights a run ends with; "auto" resolves per device (below)
+                     "amp": str(cfg.trainer.get("amp", "auto"))},
         "versions": {"torch": _major_minor(torch.__version__), "torchvision": _major_minor(torchvision.__version__),
-                     "kd_runner": __version__},
+                     "kd_runner": __version__, "kd_runner_code": code_hash()},
         "device": resolve_device(str(cfg.trainer.device)).type,
     }
 

@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_runner import checkpoints, inference, report
-from kd_runner.config import validate
+from kd_runner.compute import prepare_model, resolve_compute
+from kd_runner.config import Trainer, validate
 from kd_runner.data import build_data
 from kd_runner.data.augment import Augment, phase_augments
 from kd_runner.data.cache import set_cache_dir
@@ -23,6 +24,7 @@ from kd_runner.methods import CE, build_method
 from kd_runner.methods.base import Method
 from kd_runner.model_store import ModelStore, baseline_key, teacher_key
 from kd_runner.models import build_model
+from kd_runner.step import graphs_reason
 from kd_runner.utils import (
     atomic_torch_save,
     atomic_write_text,
@@ -55,8 +57,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     t0 = time.perf_counter()
     set_cache_dir(Path(str(cfg.paths.cache_dir)))
-    data = build_data(cfg.dataset)
-    env = Env(device, Normalizer(data.mean, data.std), trainer.batch_size, trainer.eval_batch_size, trainer.progress)
+    data = build_data(cfg.dataset, trainer.data_path, trainer.num_workers)
+    env = make_env(trainer, data, device)
+    no_graphs = graphs_reason(env, str(cfg.optimizer.name))
+    if trainer.cuda_graphs == "on" and no_graphs is not None:
+        raise UserError(f"trainer.cuda_graphs=on cannot apply: {no_graphs}; use auto or off")
     timings["data"] = time.perf_counter() - t0
 
     # Build everything before training anything: bad layer names or shapes fail in seconds.
@@ -64,10 +69,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     teacher = None
     if method.needs_teacher:
         seed_everything(derive_seed(int(cfg.teacher_seed), SEED_TEACHER))
-        teacher = build_model(cfg.teacher, shape, classes).to(device)
+        teacher = prepare_model(build_model(cfg.teacher, shape, classes), device, env.compute)
     seed_everything(derive_seed(seed, SEED_STUDENT_INIT))
-    student_init = build_model(cfg.student, shape, classes).to(device)
+    student_init = prepare_model(build_model(cfg.student, shape, classes), device, env.compute)
     extra = _build_extra(method, student_init, teacher, data, env, seed)
+    models_built = {"student": student_init, **({"teacher": teacher} if teacher is not None else {})}
     init_hash = weights_hash(student_init)
 
     models: dict[str, dict] = {}
@@ -118,9 +124,42 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     timings["total"] = time.perf_counter() - wall0
     rep = report.write(run_dir, cfg=cfg, data=data, method=method, models=models, teacher=teacher_info,
-                       histories=histories, timings=timings, device=device)
+                       histories=histories, timings=timings, device=device,
+                       execution=run_paths(env, data, models_built, str(cfg.optimizer.name)))
     shutil.rmtree(state_dir, ignore_errors=True)  # the report is complete: resume state is no longer needed
+    data.close()
     return rep
+
+
+def run_paths(env: Env, data: DataBundle, models_built: dict[str, nn.Module], optimizer: str) -> dict:
+    """Which data and compute paths this run took, for the report."""
+    no_graphs = graphs_reason(env, optimizer)
+    return {
+        "data": {"path": data.path, "source": data.source, "train_residency": env.residency(data.train),
+                 "batches": _batch_route(env, data)},
+        "compute": {**env.compute.describe(),
+                    "channels_last_models": sorted(r for r, m in models_built.items()
+                                                   if getattr(m, "kd_channels_last", False)),
+                    "inference_mode": True,
+                    "cuda_graphs": "off" if env.compute.cuda_graphs == "off" else (no_graphs or "on"),
+                    "optimizer_step": "fused" if env.device.type == "cuda" else "torch default"},
+    }
+
+
+def _batch_route(env: Env, data: DataBundle) -> str:
+    if data.path == "loader":
+        return "DataLoader workers" + (", pinned, non_blocking copy" if env.device.type == "cuda" else "")
+    if env.residency(data.train) == "device":
+        return "gathered on the GPU"
+    return "pinned gather, non_blocking copy" if env.device.type == "cuda" else "gathered in host memory"
+
+
+def make_env(trainer: Trainer, data: DataBundle, device: torch.device) -> Env:
+    """The shared run environment: normalisation from the data, compute path settled for ``device``."""
+    compute = resolve_compute(trainer.channels_last, trainer.amp, trainer.compile, trainer.deterministic, device,
+                              trainer.cuda_graphs)
+    return Env(device, Normalizer(data.mean, data.std), trainer.batch_size, trainer.eval_batch_size,
+               trainer.progress, compute=compute, data_on_device=trainer.data_on_device)
 
 
 def _build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, data: DataBundle,
@@ -129,7 +168,7 @@ def _build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, 
     s_shapes = probe_shapes(student, method.student_taps, data.train, env, "student")
     t_shapes = probe_shapes(teacher, method.teacher_taps, data.train, env, "teacher") if teacher is not None else {}
     seed_everything(derive_seed(seed, SEED_EXTRA))
-    return method.extra_modules(s_shapes, t_shapes).to(env.device)
+    return prepare_model(method.extra_modules(s_shapes, t_shapes), env.device, env.compute)
 
 
 def _teacher_output_mode(requested: str, student_augment: Augment | None) -> str:
@@ -217,6 +256,8 @@ def _evaluate(role: str, model: nn.Module, extra: nn.Module | None, res: PhaseRe
     if res is not None:
         info["epochs"] = len(res.history)
         info["train_seconds"] = round(res.train_seconds, 3)
+        if res.cuda_graph_replays:
+            info["cuda_graph_replays"] = res.cuda_graph_replays
         if res.best_state is not None:
             info["best_val_acc"], info["best_epoch"] = round(res.best_val_acc, 4), res.best_epoch
             last = copy.deepcopy(model.state_dict())
@@ -230,6 +271,7 @@ def _evaluate(role: str, model: nn.Module, extra: nn.Module | None, res: PhaseRe
             model.load_state_dict(last)
             if last_extra is not None:
                 extra.load_state_dict(last_extra)
-    info.update(inference.measure(model, data.input_shape(), env.device, env.eval_batch_size, trainer.bench_iters))
+    info.update(inference.measure(model, data.input_shape(), env.device, env.eval_batch_size, trainer.bench_iters,
+                                  env.compute))
     info["eval_seconds"] = round(time.perf_counter() - t0, 3)
     return info

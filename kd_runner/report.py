@@ -57,7 +57,7 @@ def _gain(models: dict, key: str) -> float | None:
 
 
 def write(run_dir: Path, *, cfg: DictConfig, data: DataBundle, method: Method, models: dict, teacher: dict,
-          histories: list[dict], timings: dict, device: torch.device) -> dict:
+          histories: list[dict], timings: dict, device: torch.device, execution: dict | None = None) -> dict:
     """Write every report file; report.json goes last so its presence means the run completed."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rep = {
@@ -78,6 +78,7 @@ def write(run_dir: Path, *, cfg: DictConfig, data: DataBundle, method: Method, m
                     "mean": data.mean, "std": data.std},
         "method": {"name": method.name, **method.describe()},
         "teacher": teacher,
+        "execution": execution or {},
         "models": models,
         "kd_gain_points": _gain(models, "test_acc"),
         "kd_gain_points_best_val": _gain(models, "test_acc_best_val"),
@@ -170,6 +171,8 @@ def markdown(rep: dict) -> str:
     lines.append(f"- data: {d['source']}; train {d['train']}, val {d['val']}, test {d['test']}, "
                  f"input {d['input_shape']}")
     lines.append(f"- method: {json.dumps(rep['method'])}")
+    if rep.get("execution"):
+        lines.append(f"- data and compute paths: {json.dumps(rep['execution'])}")
     lines.append("- wall time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in rep["phase_seconds"].items()))
     lines.append(f"- device: {rep['device']} ({rep['device_name']}); versions: {json.dumps(rep['versions'])}")
     lines.append(f"- config hash: {rep['config_hash']}; command: `{rep['command']}`")

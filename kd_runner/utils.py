@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -25,6 +26,20 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:  # pragma: no cover - numpy ships with torch wheels
         pass
+
+
+@functools.cache
+def code_hash() -> str:
+    """Hash of kd-runner's own source: a stored teacher trained by other code is not the same teacher.
+
+    The version string alone misses edits between releases (a checkout, an editable install).
+    """
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def derive_seed(seed: int, role: str) -> int:

@@ -48,6 +48,15 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     "T_not_a_number": (["method.T=hot"], ["method.T", "hot"], True),
     # a misspelt key (T -> temperature) is the commonest config mistake
     "unknown_method_key": (["method.temperature=4"], ["temperature"], False),
+    # compute-path switches
+    "bad_amp": (["trainer.amp=fp8"], ["trainer.amp='fp8'", "auto, bf16, off"], True),
+    "bad_channels_last": (["trainer.channels_last=maybe"], ["trainer.channels_last='maybe'", "auto, off, on"], True),
+    "bad_cuda_graphs": (["trainer.cuda_graphs=yes"], ["trainer.cuda_graphs='yes'", "auto, off, on"], True),
+    "bad_data_on_device": (["trainer.data_on_device=gpu"], ["trainer.data_on_device='gpu'", "auto, off, on"], True),
+    "compile_not_bool": (["trainer.compile=fast"], ["trainer.compile='fast'", "true or false"], True),
+    # asked for explicitly where it cannot run: say so instead of silently running eagerly
+    "cuda_graphs_on_cpu": (["trainer.cuda_graphs=on", "trainer.device=cpu"], ["trainer.cuda_graphs=on", "not a CUDA"],
+                           True),
 }
 SETUP = {
     "missing_mnist": _empty_dir,

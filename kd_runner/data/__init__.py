@@ -2,30 +2,50 @@
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import DictConfig
 
 from kd_runner.data import cifar, digits, image_folder, mnist
-from kd_runner.data.tensors import DataBundle, carve_val, channel_stats
+from kd_runner.data.streaming import estimate_decoded_bytes, load_stream, stream_channel_stats
+from kd_runner.data.tensors import DataBundle, Split, carve_val, channel_stats
 from kd_runner.errors import UserError, choices
 
 LOADERS = {"digits": digits.load, "mnist": mnist.load, "cifar10": cifar.load, "image_folder": image_folder.load}
 
 
-def build_data(cfg: DictConfig) -> DataBundle:
+DATA_PATHS = ("auto", "tensor", "loader")
+
+
+def choose_path(cfg: DictConfig, requested: str, budget_bytes: int | None = None) -> str:
+    """``auto``: the decode-once tensor path when the decoded images fit in half the machine's memory."""
+    if requested not in DATA_PATHS:
+        raise UserError(f"trainer.data_path={requested!r} is invalid; valid: {choices(DATA_PATHS)}")
+    if requested != "auto":
+        return requested
+    if str(cfg.name) == "digits":
+        return "tensor"
+    size = estimate_decoded_bytes(cfg)
+    budget = budget_bytes if budget_bytes is not None else os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    return "tensor" if size is None or size <= budget else "loader"
+
+
+def build_data(cfg: DictConfig, data_path: str = "tensor", num_workers: int = 2) -> DataBundle:
     """Load the configured dataset, carve a val split seeded by ``split_seed``, settle normalisation."""
     name = str(cfg.name)
     if name not in LOADERS:
         raise UserError(f"dataset.name={name!r} is unknown; valid: {choices(LOADERS)}")
-    out = LOADERS[name](cfg)
+    path = choose_path(cfg, data_path)
+    out = load_stream(cfg, num_workers) if path == "loader" else LOADERS[name](cfg)
     train, val = carve_val(out["train"], float(cfg.get("val_fraction") or 0.0), int(cfg.get("split_seed", 0)))
-    channels = int(train.images.shape[1])
+    channels = train.sample_shape[0]
     mean, std = cfg.get("mean"), cfg.get("std")
-    if mean is None or std is None:
-        mean, std = channel_stats(train.images)  # no published stats: use this train split's
+    if mean is None or std is None:  # no published stats: use this train split's
+        mean, std = channel_stats(train.images) if isinstance(train, Split) else stream_channel_stats(train)
     mean, std = [float(v) for v in mean], [float(v) for v in std]
     if len(mean) != channels or len(std) != channels:
         raise UserError(
             f"dataset.mean/std have {len(mean)}/{len(std)} values but the images have {channels} channel(s)"
         )
     return DataBundle(name=name, train=train, test=out["test"], val=val, classes=list(out["classes"]),
-                      mean=mean, std=std, source=out["source"])
+                      mean=mean, std=std, source=out["source"], path=path)

@@ -35,9 +35,10 @@ def source_fingerprint(items: list[tuple[Path, int]], root: Path) -> dict:
     A moved (relabelled) image changes the key even though counts and sizes do not.
     """
     h = hashlib.sha256()
-    for path, label in sorted(items, key=lambda it: str(it[0])):
-        st = path.stat()
-        h.update(f"{path.relative_to(root)}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    prefix = len(str(root).rstrip(os.sep)) + 1
+    for name, label in sorted((str(path), label) for path, label in items):
+        st = os.stat(name)
+        h.update(f"{name[prefix:]}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return {"files": len(items), "sha256": h.hexdigest()[:16]}
 
 

@@ -44,17 +44,30 @@ def _read_batches(folder: Path, entries: list[list[str]], verify_md5: bool) -> S
     return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels))
 
 
+def folder_root(cfg) -> Path | None:
+    """The ``{train,test}/<class>/*`` image-folder copy of CIFAR-10 under ``dataset.root``, if there is one."""
+    root = Path(str(cfg.root)).expanduser()
+    for candidate in (root / "cifar10", root / "CIFAR10", root):
+        found = image_folder.find_root(candidate)
+        if found is not None:
+            return found
+    return None
+
+
+def check_classes(classes: list[str]) -> None:
+    if classes != CLASSES:
+        raise UserError(f"dataset=cifar10: class folders {classes} are not CIFAR-10's {CLASSES}")
+
+
 def load(cfg) -> dict:
     from torchvision.datasets import CIFAR10
 
     root = Path(str(cfg.root)).expanduser()
-    for candidate in (root / "cifar10", root / "CIFAR10", root):
-        folder_root = image_folder.find_root(candidate)
-        if folder_root is not None:
-            out = image_folder.load_tree(folder_root, 3, 32, bool(cfg.get("decode_cache", True)))
-            if out["classes"] != CLASSES:
-                raise UserError(f"dataset=cifar10: class folders {out['classes']} are not CIFAR-10's {CLASSES}")
-            return out
+    folder = folder_root(cfg)
+    if folder is not None:
+        out = image_folder.load_tree(folder, 3, 32, bool(cfg.get("decode_cache", True)))
+        check_classes(out["classes"])
+        return out
     batches = root / BATCHES_DIR
     if not batches.is_dir():
         if not cfg.download:

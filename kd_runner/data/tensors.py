@@ -27,28 +27,44 @@ class Split:
     def subset(self, idx: torch.Tensor) -> Split:
         return Split(self.images[idx], self.labels[idx])
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image: what models are built for."""
+        return tuple(int(v) for v in self.images.shape[1:])
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first ``n`` images (shape probes); a view, no copy."""
+        return self.images[:n]
+
 
 @dataclass
 class DataBundle:
     """Everything a run needs to know about its data."""
 
     name: str
-    train: Split
+    train: Split  # or a streaming split (data.streaming.StreamSplit) with the same surface
     test: Split
     val: Split | None
     classes: list[str]
     mean: list[float]
     std: list[float]
     source: str
+    path: str = "tensor"  # tensor: decoded once, in memory | loader: decoded per batch by DataLoader workers
     extra: dict = field(default_factory=dict)
 
     @property
     def channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return self.train.sample_shape[0]
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return int(self.train.images.shape[2]), int(self.train.images.shape[3])
+        return self.train.sample_shape[1], self.train.sample_shape[2]
+
+    def close(self) -> None:
+        """Stop streaming splits' loader workers (tensor splits hold none)."""
+        for split in (self.train, self.val, self.test):
+            if hasattr(split, "close"):
+                split.close()
 
     @property
     def num_classes(self) -> int:
@@ -59,7 +75,14 @@ class DataBundle:
 
     @cached_property
     def fingerprint(self) -> dict:
-        """Identity of what a model trains on: split sizes and a hash of the training tensors (hashed once)."""
+        """Identity of what a model trains on: split sizes and a hash of the training tensors (hashed once).
+
+        A streaming split is identified by its files (path, label, size, mtime) instead: hashing its
+        pixels would cost a full decode. The two paths therefore store teachers under different keys.
+        """
+        if not isinstance(self.train, Split):
+            return {"train": len(self.train), "val": len(self.val) if self.val is not None else 0,
+                    "train_identity": self.train.identity(), "mean": self.mean, "std": self.std}
         h = hashlib.sha256()
         h.update(self.train.images.contiguous().numpy().tobytes())
         h.update(self.train.labels.contiguous().numpy().tobytes())
@@ -86,13 +109,26 @@ def batches(
     *,
     shuffle: bool,
     generator: torch.Generator | None = None,
+    pin: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(indices, uint8 images, labels)``; the order comes from ``generator`` only."""
+    """Yield ``(indices, uint8 images, labels)``; the order comes from ``generator`` only.
+
+    The order is drawn on the CPU whatever the split's device, so a GPU-resident split gives
+    the same batches as a host one. ``pin`` gathers host batches into page-locked memory so the
+    copy to the GPU can overlap compute (the caching host allocator keeps each buffer until its
+    copy has finished).
+    """
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(split.images.device)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
-        yield idx, split.images[idx], split.labels[idx]
+        if pin:
+            images = torch.empty((len(idx), *split.images.shape[1:]), dtype=split.images.dtype, pin_memory=True)
+            torch.index_select(split.images, 0, idx, out=images)
+            yield idx, images, split.labels[idx].pin_memory()
+        else:
+            yield idx, split.images[idx], split.labels[idx]
 
 
 def carve_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split | None]:
