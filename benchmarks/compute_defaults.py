@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_runner.models.tutorial import DeepNN, LightNN
+from kd_runner.utils import keep_freed_memory
 
 
 def step_seconds(model_cls, device: torch.device, channels_last: bool, bf16: bool, batch: int, steps: int) -> float:
@@ -68,7 +69,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tune glibc as kd-train does (kd_runner.utils.keep_freed_memory); compare with a run "
+                             "without it (the setting is process-wide)")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        print("host allocator:", keep_freed_memory(True))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -47,7 +47,6 @@ import contextlib
 import dataclasses
 import datetime
 import gc
-import inspect
 import json
 import multiprocessing
 import os
@@ -80,6 +79,7 @@ import kd_runner.utils
 from kd_runner.data.cache import set_cache_dir
 from kd_runner.data.tensors import DataBundle
 from kd_runner.models.tutorial import DeepNN, LightNN
+from kd_runner.utils import keep_freed_memory
 
 try:  # run as a script: benchmarks/ is on sys.path
     import tutorial_reference as ref
@@ -306,6 +306,7 @@ class Setup:
     reference_cudnn_benchmark: bool
     memory: bool
     info: dict
+    allocator: str = ""
 
 
 def choose(n_total: int, limit: int | None, seed: int) -> torch.Tensor | None:
@@ -393,7 +394,8 @@ def build_setup(args: argparse.Namespace) -> Setup:
     setup = Setup(cfg=cfg, overrides=overrides, trainer=trainer, device=device, root=root, train_idx=train_idx,
                   test_idx=test_idx, n_train=n_train, n_test=n_test, full_train=len(bundle.train),
                   full_test=len(bundle.test), reference_data=args.reference_data,
-                  reference_cudnn_benchmark=args.reference_cudnn_benchmark, memory=not args.no_memory, info=info)
+                  reference_cudnn_benchmark=args.reference_cudnn_benchmark, memory=not args.no_memory, info=info,
+                  allocator=keep_freed_memory(True) if args.allocator == "kd-runner" else "glibc defaults")
     del bundle, kd_teacher, ref_teacher, kd_student, ref_student
     gc.collect()
     return setup
@@ -588,12 +590,9 @@ class KdRunnerArm(Arm):
 
     def record_paths(self, env: kd_runner.engine.Env, bundle: DataBundle, models: dict[str, nn.Module]) -> None:
         """The data and compute paths kd-runner took (as its report states them), read after the timed epoch."""
-        run_paths = getattr(kd_runner.pipeline, "run_paths", None)
-        if run_paths is None:
-            return
         try:  # best effort: this describes the run, it measures nothing
-            extra = [str(self.s.cfg.optimizer.name)] if "optimizer" in inspect.signature(run_paths).parameters else []
-            paths = run_paths(env, bundle, models, *extra)
+            paths = kd_runner.pipeline.run_paths(env, bundle, models, str(self.s.cfg.optimizer.name),
+                                                 self.s.allocator)
         except Exception as err:
             self.paths = {"error": f"kd_runner.pipeline.run_paths failed: {type(err).__name__}: {err}"}
             return
@@ -804,6 +803,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "memory: uint8 arrays in memory served like torchvision's CIFAR10 (the tutorial's dataset)")
     ap.add_argument("--reference-cudnn-benchmark", action="store_true",
                     help="run the reference with torch.backends.cudnn.benchmark=True (the tutorial leaves it off)")
+    ap.add_argument("--allocator", choices=("kd-runner", "glibc"), default="kd-runner",
+                    help="kd-runner: glibc tuned as kd-train tunes it (kd_runner.utils.keep_freed_memory), for the "
+                         "whole process, so the reference arm gets it too; glibc: untouched defaults for both arms. "
+                         "The setting is process-wide: run the script once with each to see its share")
     ap.add_argument("--no-warmup", action="store_true", help="skip the arm-neutral warm-up step")
     ap.add_argument("--no-memory", action="store_true",
                     help="no RSS sampling thread (timings without its small overhead; CUDA peaks are still read)")
@@ -866,6 +869,7 @@ def main(argv: list[str] | None = None) -> None:
           f"({meta['cpus_usable']} usable); load average "
           f"{', '.join(f'{v:.2f}' for v in meta['load_average_at_start'])}")
     print(f"kd-runner {meta['kd_runner_git']}; compose overrides: {' '.join(setup.overrides)}")
+    print(f"host allocator (both arms, process-wide): {setup.allocator}")
     print(f"data: {setup.root}; train {setup.n_train:,} of {setup.full_train:,} images, test {setup.n_test:,} of "
           f"{setup.full_test:,} (seeded subset, seed {args.subset_seed}); reference dataset: {setup.reference_data}")
     if setup.info["kd_first_time_decode_s"] is not None:

@@ -30,6 +30,7 @@ from kd_runner.utils import (
     atomic_write_text,
     count_params,
     derive_seed,
+    keep_freed_memory,
     resolve_device,
     seed_everything,
     weights_hash,
@@ -46,6 +47,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     seed = int(cfg.seed)
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
+    allocator = keep_freed_memory()
     torch.use_deterministic_algorithms(trainer.deterministic, warn_only=True)
     device = resolve_device(trainer.device)
     method = build_method(cfg.method)
@@ -125,13 +127,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     timings["total"] = time.perf_counter() - wall0
     rep = report.write(run_dir, cfg=cfg, data=data, method=method, models=models, teacher=teacher_info,
                        histories=histories, timings=timings, device=device,
-                       execution=run_paths(env, data, models_built, str(cfg.optimizer.name)))
+                       execution=run_paths(env, data, models_built, str(cfg.optimizer.name), allocator))
     shutil.rmtree(state_dir, ignore_errors=True)  # the report is complete: resume state is no longer needed
     data.close()
     return rep
 
 
-def run_paths(env: Env, data: DataBundle, models_built: dict[str, nn.Module], optimizer: str) -> dict:
+def run_paths(env: Env, data: DataBundle, models_built: dict[str, nn.Module], optimizer: str,
+              allocator: str = "") -> dict:
     """Which data and compute paths this run took, for the report."""
     no_graphs = graphs_reason(env, optimizer)
     return {
@@ -142,7 +145,8 @@ def run_paths(env: Env, data: DataBundle, models_built: dict[str, nn.Module], op
                                                    if getattr(m, "kd_channels_last", False)),
                     "inference_mode": True,
                     "cuda_graphs": "off" if env.compute.cuda_graphs == "off" else (no_graphs or "on"),
-                    "optimizer_step": "fused" if env.device.type == "cuda" else "torch default"},
+                    "optimizer_step": "fused" if env.device.type == "cuda" else "torch default",
+                    "host_allocator": allocator},
     }
 
 

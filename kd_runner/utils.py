@@ -42,6 +42,35 @@ def code_hash() -> str:
     return h.hexdigest()[:16]
 
 
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_THRESHOLD: 128 * 1024}
+
+
+def keep_freed_memory(enabled: bool = True) -> str:
+    """Let glibc keep large freed blocks for reuse instead of unmapping them (``enabled=False`` restores defaults).
+
+    A CPU training step allocates and frees activations of tens of MB. glibc serves each from a fresh
+    mmap and returns it on free, so every step page-faults its activations in again: about a fifth of a
+    DeepNN step on 2 cores (docs/BENCHMARKS.md). Raising the mmap and trim thresholds keeps that memory
+    in the heap; the process holds on to its peak instead of shrinking between steps.
+    Returns what was done, for the report.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "system allocator (not glibc)"
+    values = {_M_TRIM_THRESHOLD: 1 << 30, _M_MMAP_THRESHOLD: 1 << 30} if enabled else _GLIBC_DEFAULTS
+    ok = all(mallopt(k, v) == 1 for k, v in values.items())
+    if not ok:
+        return "glibc defaults (mallopt refused)"
+    return "glibc, freed blocks kept (mmap/trim threshold 1 GiB)" if enabled else "glibc defaults"
+
+
 def derive_seed(seed: int, role: str) -> int:
     """A seed for ``role`` that no other (seed, role) pair shares: ``seed + k`` streams would overlap."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{role}".encode()).digest()[:8], "little") % 2**62
