@@ -74,7 +74,7 @@ def main() -> None:
                              "without it (the setting is process-wide)")
     args = parser.parse_args()
     if args.keep_freed_memory:
-        print("host allocator:", keep_freed_memory(True))
+        print("host allocator:", keep_freed_memory())
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -395,7 +395,7 @@ def build_setup(args: argparse.Namespace) -> Setup:
                   test_idx=test_idx, n_train=n_train, n_test=n_test, full_train=len(bundle.train),
                   full_test=len(bundle.test), reference_data=args.reference_data,
                   reference_cudnn_benchmark=args.reference_cudnn_benchmark, memory=not args.no_memory, info=info,
-                  allocator=keep_freed_memory(True) if args.allocator == "kd-runner" else "glibc defaults")
+                  allocator=keep_freed_memory() if args.allocator == "kd-runner" else "glibc defaults")
     del bundle, kd_teacher, ref_teacher, kd_student, ref_student
     gc.collect()
     return setup

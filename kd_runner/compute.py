@@ -41,7 +41,6 @@ class Compute:
                 "compile": self.compile, "cudnn_benchmark": self.cudnn_benchmark}
 
 
-
 def resolve_compute(channels_last: str, amp: str, compile_models: bool, deterministic: bool,
                     device: torch.device, cuda_graphs: str = "auto") -> Compute:
     """Settle ``auto`` for ``device``.

@@ -80,6 +80,7 @@ class Env:
     progress: bool = True
     compute: Compute = field(default_factory=Compute)
     data_on_device: str = "auto"  # auto | on | off: keep whole splits in GPU memory (CUDA only)
+    # id(split) -> (split, its staged copy); holding the split keeps its id from being reused
     _staged: dict[int, tuple[Split, Split]] = field(default_factory=dict, repr=False)
 
     def prepare(self, images: Tensor) -> Tensor:

@@ -137,9 +137,10 @@ def run_paths(env: Env, data: DataBundle, models_built: dict[str, nn.Module], op
               allocator: str = "") -> dict:
     """Which data and compute paths this run took, for the report."""
     no_graphs = graphs_reason(env, optimizer)
+    residency = env.residency(data.train)
     return {
-        "data": {"path": data.path, "source": data.source, "train_residency": env.residency(data.train),
-                 "batches": _batch_route(env, data)},
+        "data": {"path": data.path, "source": data.source, "train_residency": residency,
+                 "batches": _batch_route(env, data.path, residency)},
         "compute": {**env.compute.describe(),
                     "channels_last_models": sorted(r for r, m in models_built.items()
                                                    if getattr(m, "kd_channels_last", False)),
@@ -150,10 +151,10 @@ def run_paths(env: Env, data: DataBundle, models_built: dict[str, nn.Module], op
     }
 
 
-def _batch_route(env: Env, data: DataBundle) -> str:
-    if data.path == "loader":
+def _batch_route(env: Env, path: str, residency: str) -> str:
+    if path == "loader":
         return "DataLoader workers" + (", pinned, non_blocking copy" if env.device.type == "cuda" else "")
-    if env.residency(data.train) == "device":
+    if residency == "device":
         return "gathered on the GPU"
     return "pinned gather, non_blocking copy" if env.device.type == "cuda" else "gathered in host memory"
 

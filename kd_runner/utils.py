@@ -44,16 +44,16 @@ def code_hash() -> str:
 
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_THRESHOLD: 128 * 1024}
 
 
-def keep_freed_memory(enabled: bool = True) -> str:
-    """Let glibc keep large freed blocks for reuse instead of unmapping them (``enabled=False`` restores defaults).
+def keep_freed_memory() -> str:
+    """Let glibc keep large freed blocks for reuse instead of unmapping them; process-wide and one-way.
 
     A CPU training step allocates and frees activations of tens of MB. glibc serves each from a fresh
     mmap and returns it on free, so every step page-faults its activations in again: about a fifth of a
     DeepNN step on 2 cores (docs/BENCHMARKS.md). Raising the mmap and trim thresholds keeps that memory
-    in the heap; the process holds on to its peak instead of shrinking between steps.
+    in the heap; the process holds on to its peak instead of shrinking between steps. There is no undo:
+    setting the thresholds back by hand would not restore glibc's default, self-adjusting ones.
     Returns what was done, for the report.
     """
     import ctypes
@@ -64,11 +64,9 @@ def keep_freed_memory(enabled: bool = True) -> str:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return "system allocator (not glibc)"
-    values = {_M_TRIM_THRESHOLD: 1 << 30, _M_MMAP_THRESHOLD: 1 << 30} if enabled else _GLIBC_DEFAULTS
-    ok = all(mallopt(k, v) == 1 for k, v in values.items())
-    if not ok:
+    if not all(mallopt(k, 1 << 30) == 1 for k in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD)):
         return "glibc defaults (mallopt refused)"
-    return "glibc, freed blocks kept (mmap/trim threshold 1 GiB)" if enabled else "glibc defaults"
+    return "glibc, freed blocks kept (mmap/trim threshold 1 GiB)"
 
 
 def derive_seed(seed: int, role: str) -> int:

@@ -53,6 +53,8 @@ CASES: dict[str, tuple[list[str], list[str], bool]] = {
     "bad_channels_last": (["trainer.channels_last=maybe"], ["trainer.channels_last='maybe'", "auto, off, on"], True),
     "bad_cuda_graphs": (["trainer.cuda_graphs=yes"], ["trainer.cuda_graphs='yes'", "auto, off, on"], True),
     "bad_data_on_device": (["trainer.data_on_device=gpu"], ["trainer.data_on_device='gpu'", "auto, off, on"], True),
+    "bad_data_path": (["trainer.data_path=disk"], ["trainer.data_path='disk'", "auto, loader, tensor"], True),
+    "negative_num_workers": (["trainer.num_workers=-1"], ["trainer.num_workers=-1", ">= 0"], True),
     "compile_not_bool": (["trainer.compile=fast"], ["trainer.compile='fast'", "true or false"], True),
     # asked for explicitly where it cannot run: say so instead of silently running eagerly
     "cuda_graphs_on_cpu": (["trainer.cuda_graphs=on", "trainer.device=cpu"], ["trainer.cuda_graphs=on", "not a CUDA"],

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_runner.data import cifar, image_folder, mnist
 from kd_runner.data.cache import source_fingerprint
-from kd_runner.data.tensors import Split
+from kd_runner.data.tensors import Split, draw_order
 from kd_runner.errors import UserError, choices
 
 STREAMABLE = ("cifar10", "image_folder", "mnist")
@@ -291,7 +291,7 @@ def stream_batches(
     """
     pin = pin and torch.cuda.is_available()
     n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = draw_order(n, shuffle=shuffle, generator=generator)
     idxs = [order[start : start + batch_size] for start in range(0, n, batch_size)]
     images = _load(split, [idx.tolist() for idx in idxs], pin)
     for idx, xb in zip(idxs, images, strict=True):

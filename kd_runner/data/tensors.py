@@ -103,6 +103,12 @@ class Normalizer:
         return (x.float().div_(255.0) - self.mean) / self.std
 
 
+def draw_order(n: int, *, shuffle: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The epoch's sample order, drawn on the CPU from ``generator`` only (both data paths use it,
+    so a streamed split and its decoded twin give the same batches and leave the generator alike)."""
+    return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+
+
 def batches(
     split: Split,
     batch_size: int,
@@ -119,8 +125,7 @@ def batches(
     copy has finished).
     """
     n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    order = order.to(split.images.device)
+    order = draw_order(n, shuffle=shuffle, generator=generator).to(split.images.device)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         if pin:
