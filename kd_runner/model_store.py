@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from kd_runner import __version__
-from kd_runner.utils import atomic_write_text, code_hash, resolve_device, stable_hash
+from kd_runner import __version__, checkpoints
+from kd_runner.data.tensors import DataBundle
+from kd_runner.engine import PhaseResult
+from kd_runner.utils import atomic_torch_save, atomic_write_text, code_hash, resolve_device, stable_hash
 
 DATASET_LOCATION_KEYS = ("root", "download", "decode_cache", "verify_md5")
 
@@ -95,3 +98,33 @@ class ModelStore:
             return json.loads(path.read_text()) if path.is_file() else {}
         except json.JSONDecodeError:
             return {}
+
+
+def load_or_train(root: Path, key: tuple[str, dict] | None, model: nn.Module, model_cfg: DictConfig,
+                  data: DataBundle, run_dir: Path, train: Callable[[], PhaseResult]) -> tuple[dict, PhaseResult]:
+    """Load ``model`` from the store at ``root`` under ``key``, or ``train()`` it and store it there."""
+    if key is None:
+        return {"source": "trained"}, train()
+    key, material = key
+    store = ModelStore(root)
+    entry = store.entry(key)
+    with store.locked(key):
+        meta = store.read_meta(key)
+        if entry.is_file() and meta:
+            checkpoints.load_weights(entry, model, f"{root.name} cache entry")
+            res = PhaseResult(history=meta.get("history", []), best_val_acc=meta.get("best_val_acc"),
+                              best_epoch=meta.get("best_epoch"), train_seconds=meta.get("train_seconds", 0.0))
+            if store.best_entry(key).is_file():
+                best = torch.load(store.best_entry(key), map_location="cpu", weights_only=True)
+                res.best_state = {"model": best["model"], "extra": {}}
+            return {"source": "cache", "key": key, "path": str(entry.resolve()),
+                    "trained_in": meta.get("trained_in")}, res
+        res = train()
+        # model.pt goes last: an entry counts only once it and meta.json are both there
+        if res.best_state is not None:
+            atomic_torch_save({"model": res.best_state["model"]}, store.best_entry(key))
+        store.write_meta(key, {"trained_in": str(run_dir.resolve()), "train_seconds": round(res.train_seconds, 3),
+                               "history": res.history, "best_val_acc": res.best_val_acc,
+                               "best_epoch": res.best_epoch, "key_material": material})
+        checkpoints.save(entry, model, model_cfg, data.input_shape(), data.num_classes)
+    return {"source": "trained", "key": key, "path": str(entry.resolve())}, res

@@ -22,11 +22,10 @@ from kd_runner.engine import Env, PhaseResult, TeacherOutputs, fit, predict_accu
 from kd_runner.errors import UserError
 from kd_runner.methods import CE, build_method
 from kd_runner.methods.base import Method
-from kd_runner.model_store import ModelStore, baseline_key, teacher_key
+from kd_runner.model_store import baseline_key, load_or_train, teacher_key
 from kd_runner.models import build_model
 from kd_runner.step import graphs_reason
 from kd_runner.utils import (
-    atomic_torch_save,
     atomic_write_text,
     count_params,
     derive_seed,
@@ -101,7 +100,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
         key = (baseline_key(cfg, data.fingerprint, init_hash, augments["baseline"])
                if trainer.baseline_cache else None)
-        source, res = _stored(cfg, "baselines", key, baseline, cfg.student, data, run_dir, train_baseline)
+        source, res = load_or_train(store_root(cfg, "baselines"), key, baseline, cfg.student, data, run_dir,
+                                    train_baseline)
         timings["baseline"] = time.perf_counter() - t0
         models["baseline"] = _evaluate("baseline", baseline, None, res, data, env, trainer, cfg.student, run_dir)
         models["baseline"].update(init_hash=init_hash, source=source)
@@ -202,37 +202,12 @@ def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed,
                    state_path=state_dir / "teacher.pt", augment=augment)
 
     key = teacher_key(cfg, data.fingerprint, augment) if trainer.teacher_cache else None
-    return _stored(cfg, "teachers", key, teacher, cfg.teacher, data, run_dir, train_teacher)
+    return load_or_train(store_root(cfg, "teachers"), key, teacher, cfg.teacher, data, run_dir, train_teacher)
 
 
-def _stored(cfg, kind: str, key: tuple[str, dict] | None, model: nn.Module, model_cfg: DictConfig,
-            data: DataBundle, run_dir: Path, train) -> tuple[dict, PhaseResult]:
-    """Load ``model`` from the ``kind`` store under ``key``, or ``train()`` it and store it there."""
-    if key is None:
-        return {"source": "trained"}, train()
-    key, material = key
-    store = ModelStore(Path(str(cfg.paths.cache_dir)) / kind)
-    entry = store.entry(key)
-    with store.locked(key):
-        meta = store.read_meta(key)
-        if entry.is_file() and meta:
-            checkpoints.load_weights(entry, model, f"{kind} cache entry")
-            res = PhaseResult(history=meta.get("history", []), best_val_acc=meta.get("best_val_acc"),
-                              best_epoch=meta.get("best_epoch"), train_seconds=meta.get("train_seconds", 0.0))
-            if store.best_entry(key).is_file():
-                best = torch.load(store.best_entry(key), map_location="cpu", weights_only=True)
-                res.best_state = {"model": best["model"], "extra": {}}
-            return {"source": "cache", "key": key, "path": str(entry.resolve()),
-                    "trained_in": meta.get("trained_in")}, res
-        res = train()
-        # model.pt goes last: an entry counts only once it and meta.json are both there
-        if res.best_state is not None:
-            atomic_torch_save({"model": res.best_state["model"]}, store.best_entry(key))
-        store.write_meta(key, {"trained_in": str(run_dir.resolve()), "train_seconds": round(res.train_seconds, 3),
-                               "history": res.history, "best_val_acc": res.best_val_acc,
-                               "best_epoch": res.best_epoch, "key_material": material})
-        checkpoints.save(entry, model, model_cfg, data.input_shape(), data.num_classes)
-    return {"source": "trained", "key": key, "path": str(entry.resolve())}, res
+def store_root(cfg: DictConfig, kind: str) -> Path:
+    """Where the ``kind`` store (teachers, baselines) lives: under ``paths.cache_dir``."""
+    return Path(str(cfg.paths.cache_dir)) / kind
 
 
 def claim_state_dir(run_dir: Path, cfg_hash: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def check_overrides(args: list[str], conf: Path) -> None:
         for v in values:
             if v not in groups[o.key_or_group] and v != "null":
                 valid = choices(groups[o.key_or_group])
-                raise UserError(f"{o.key_or_group}={v!r} is not a known option; valid: {valid}")
+                raise UserError(f"{o.get_key_element()}={v!r} is not a known option; valid: {valid}")
         chosen.append(f"{o.get_key_element()}={values[0]}")
     keys = [o for o in overrides if o.key_or_group not in groups and o.is_force_add() is False and not o.is_add()
             and not o.is_delete()]
@@ -166,7 +167,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return objective(rep)
 
 
+ROLE_SHORTHAND = re.compile(r"^([+~]?)(teacher|student)=")
+
+
+def expand_role_shorthand(args: list[str]) -> list[str]:
+    """``teacher=X`` / ``student=X`` -> ``model@teacher=X`` / ``model@student=X`` (one conf/model/ group)."""
+    return [ROLE_SHORTHAND.sub(r"\1model@\2=", a) for a in args]
+
+
 def main() -> None:
+    sys.argv[1:] = expand_role_shorthand(sys.argv[1:])
     try:
         check_overrides(sys.argv[1:], config_dir())
     except UserError as err:
