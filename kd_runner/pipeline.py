@@ -42,17 +42,13 @@ SEED_TEACHER, SEED_STUDENT_INIT, SEED_EXTRA, SEED_TRAIN = "teacher_init", "stude
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run every phase for ``cfg``; write checkpoints and reports into ``run_dir``; return the report."""
     wall0 = time.perf_counter()
-    trainer = validate(cfg)
+    trainer, method, augments, outputs_mode = preflight(cfg)
     seed = int(cfg.seed)
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
     allocator = keep_freed_memory()
     torch.use_deterministic_algorithms(trainer.deterministic, warn_only=True)
     device = resolve_device(trainer.device)
-    method = build_method(cfg.method)
-    augments = phase_augments(cfg.augment)
-    # decided (and checked) before training anything
-    outputs_mode = _teacher_output_mode(trainer.teacher_outputs, augments["student"]) if method.needs_teacher else None
     timings: dict[str, float] = {}
     state_dir = claim_state_dir(run_dir, report.config_hash(cfg))
 
@@ -131,6 +127,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     shutil.rmtree(state_dir, ignore_errors=True)  # the report is complete: resume state is no longer needed
     data.close()
     return rep
+
+
+def preflight(cfg: DictConfig) -> tuple[Trainer, Method, dict[str, Augment | None], str | None]:
+    """Every check that needs no data: a bad value fails here, before a run touches its run dir."""
+    trainer = validate(cfg)
+    method = build_method(cfg.method)
+    augments = phase_augments(cfg.augment)
+    outputs_mode = _teacher_output_mode(trainer.teacher_outputs, augments["student"]) if method.needs_teacher else None
+    return trainer, method, augments, outputs_mode
 
 
 def run_paths(env: Env, data: DataBundle, models_built: dict[str, nn.Module], optimizer: str,
