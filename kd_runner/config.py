@@ -9,8 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_runner.compute import resolve_compute
 from kd_runner.data import DATA_PATHS
-from kd_runner.engine import build_optimizer, build_scheduler
 from kd_runner.errors import UserError, choices, number
+from kd_runner.optim import build_optimizer, build_scheduler
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TEACHER_OUTPUTS = ("auto", "cache", "live")
@@ -40,6 +40,7 @@ class Trainer:
     cuda_graphs: str = "auto"
     data_path: str = "auto"
     num_workers: int = 2
+    teacher_outputs_max_gb: float | None = None
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Trainer:
@@ -63,7 +64,12 @@ class Trainer:
             cuda_graphs=str(cfg.get("cuda_graphs", "auto")),
             data_path=str(cfg.get("data_path", "auto")),
             num_workers=_int(cfg, "num_workers", 0) if "num_workers" in cfg else 2,
+            teacher_outputs_max_gb=None if cfg.get("teacher_outputs_max_gb") is None
+            else number(cfg.teacher_outputs_max_gb, "trainer.teacher_outputs_max_gb"),
         )
+        if t.teacher_outputs_max_gb is not None and t.teacher_outputs_max_gb < 0:
+            raise UserError(f"trainer.teacher_outputs_max_gb={t.teacher_outputs_max_gb:g} is invalid; it must be >= 0 "
+                            "(or null: half the memory available)")
         if t.device not in DEVICES:
             raise UserError(f"trainer.device={t.device!r} is invalid; valid: {choices(DEVICES)}")
         if t.teacher_outputs not in TEACHER_OUTPUTS:

@@ -9,16 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from kd_runner.compute import Compute, compile_once, to_model_format
 from kd_runner.data.augment import Augment
-from kd_runner.data.streaming import StreamSplit, stream_batches
-from kd_runner.data.tensors import Normalizer, Split, batches
-from kd_runner.errors import UserError, choices, number
-from kd_runner.methods import Method, Outputs
+from kd_runner.data.tensors import Normalizer, Split
+from kd_runner.errors import UserError
+from kd_runner.methods.base import Method, Outputs
+from kd_runner.optim import build_optimizer, build_scheduler, plateau_monitor, scheduler_step
 from kd_runner.step import TrainStep, graphs_reason
 from kd_runner.taps import Taps
 from kd_runner.utils import atomic_torch_save, derive_seed
@@ -29,44 +30,6 @@ def set_train_mode(model: nn.Module, training: bool) -> None:
     model.train(training)
     for m in getattr(model, "kd_frozen", []):
         m.eval()
-
-
-def build_optimizer(cfg: DictConfig, params: list[nn.Parameter], fused: bool = False,
-                    capturable: bool = False) -> torch.optim.Optimizer:
-    """``fused``: one kernel per step for all parameters (CUDA); ``capturable``: Adam's step can go in a CUDA graph."""
-    name = str(cfg.name)
-    fast = {"fused": True} if fused else {}
-    adam_fast = {**fast, "capturable": True} if capturable else fast
-    lr, wd = number(cfg.lr, "optimizer.lr"), number(cfg.get("weight_decay", 0.0), "optimizer.weight_decay")
-    if lr <= 0:
-        raise UserError(f"optimizer.lr={lr:g} is invalid; it must be > 0")
-    if name == "adam":
-        betas = tuple(cfg.get("betas", (0.9, 0.999)))
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=betas, **adam_fast)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **adam_fast)
-    if name == "sgd":
-        momentum = number(cfg.get("momentum", 0.0), "optimizer.momentum")
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=momentum,
-                               nesterov=bool(cfg.get("nesterov", False)), **fast)
-    raise UserError(f"optimizer.name={name!r} is unknown; valid: {choices(['adam', 'adamw', 'sgd'])}")
-
-
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int):
-    name = str(cfg.name)
-    if name == "none":
-        return None
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs),
-                                                          eta_min=number(cfg.get("eta_min", 0.0), "scheduler.eta_min"))
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=number(cfg.step_size, "scheduler.step_size", int),
-                                               gamma=number(cfg.gamma, "scheduler.gamma"))
-    if name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max",
-                                                          factor=number(cfg.factor, "scheduler.factor"),
-                                                          patience=number(cfg.patience, "scheduler.patience", int))
-    raise UserError(f"scheduler.name={name!r} is unknown; valid: {choices(['none', 'cosine', 'step', 'plateau'])}")
 
 
 @dataclass
@@ -88,35 +51,29 @@ class Env:
 
     def stage(self, split: Split) -> Split:
         """``split`` in GPU memory when it fits (once per split), else as it is."""
-        if self.device.type != "cuda" or self.data_on_device == "off" or isinstance(split, StreamSplit):
+        if self.device.type != "cuda" or self.data_on_device == "off" or split.resident_bytes is None:
             return split
         if id(split) not in self._staged:
-            fits = self.data_on_device == "on" or _fits_on_gpu(split, self.device)
-            self._staged[id(split)] = (split, Split(split.images.to(self.device), split.labels.to(self.device))
-                                       if fits else split)
+            fits = self.data_on_device == "on" or _fits_on_gpu(split.resident_bytes, self.device)
+            self._staged[id(split)] = (split, split.to(self.device) if fits else split)
         return self._staged[id(split)][1]
 
     def batches(self, split: Split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None):
-        """:func:`batches` over ``split`` where it lives; host batches bound for a GPU go through pinned memory."""
-        if isinstance(split, StreamSplit):
-            return stream_batches(split, batch_size, shuffle=shuffle, generator=generator,
-                                  pin=self.device.type == "cuda")
+        """``(indices, uint8 images, labels)`` of ``split`` where it lives; host batches bound for a GPU are pinned."""
         staged = self.stage(split)
-        pin = self.device.type == "cuda" and staged.images.device.type == "cpu"
-        return batches(staged, batch_size, shuffle=shuffle, generator=generator, pin=pin)
+        return staged.batches(batch_size, shuffle=shuffle, generator=generator,
+                              pin=self.device.type == "cuda" and staged.on_host)
 
     def residency(self, split: Split) -> str:
-        if isinstance(split, StreamSplit):
-            return f"streamed by {split.num_workers} DataLoader workers"
-        if self.device.type != "cuda":
-            return "host"
-        return "device" if self.stage(split).images.device.type == "cuda" else "pinned host"
+        staged = self.stage(split)
+        where = staged.where()
+        return "pinned host" if where == "host" and self.device.type == "cuda" else where
 
 
-def _fits_on_gpu(split: Split, device: torch.device, share: float = 0.25) -> bool:
+def _fits_on_gpu(nbytes: int, device: torch.device, share: float = 0.25) -> bool:
     """Whole-split residency may take at most ``share`` of the GPU memory free now."""
     free, _ = torch.cuda.mem_get_info(device)
-    return split.images.numel() * split.images.element_size() + split.labels.numel() * 8 < share * free
+    return nbytes < share * free
 
 
 class TeacherOutputs:
@@ -141,6 +98,12 @@ class TeacherOutputs:
             if env.device.type == "cuda":
                 torch.cuda.synchronize(env.device)
             self.cache_seconds = time.perf_counter() - start
+
+    @staticmethod
+    def cache_bytes(n: int, classes: int, shapes: dict[str, torch.Size]) -> int:
+        """Memory the cache takes for ``n`` samples: float32 logits plus every tapped map (per-sample shape)."""
+        per_sample = classes + sum(int(torch.Size(s[1:]).numel()) for s in shapes.values())
+        return 4 * n * per_sample
 
     def _forward(self, x: Tensor) -> Outputs:
         """Teacher outputs as inference tensors: fine to index or cat, not to save for backward."""
@@ -168,16 +131,26 @@ class TeacherOutputs:
 
 
 @torch.inference_mode()
-def predict_accuracy(model: nn.Module, split: Split, env: Env) -> float:
-    """Top-1 accuracy (%) of ``model`` on ``split``, in eval mode."""
+def evaluate(model: nn.Module, split: Split, env: Env) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``split``, in eval mode."""
     was_training = model.training
     set_train_mode(model, False)
     correct = torch.zeros((), dtype=torch.long, device=env.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     with env.compute.autocast(env.device):
         for _, xb, yb in env.batches(split, env.eval_batch_size, shuffle=False):
-            correct += (model(to_model_format(env.prepare(xb), model)).argmax(1) == yb.to(env.device)).sum()
+            logits = model(to_model_format(env.prepare(xb), model))
+            y = yb.to(env.device)
+            correct += (logits.argmax(1) == y).sum()
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
     set_train_mode(model, was_training)
-    return 100.0 * int(correct) / max(1, len(split))
+    n = max(1, len(split))
+    return 100.0 * int(correct) / n, float(loss_sum) / n
+
+
+def predict_accuracy(model: nn.Module, split: Split, env: Env) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``split``, in eval mode."""
+    return evaluate(model, split, env)[0]
 
 
 def probe_shapes(model: nn.Module, names: list[str], split: Split, env: Env, role: str) -> dict[str, torch.Size]:
@@ -204,10 +177,15 @@ class PhaseResult:
     cuda_graph_replays: int = 0
 
 
-def _save_state(path: Path, model, extra, optimizer, scheduler, order: torch.Generator, result: PhaseResult) -> None:
-    """Everything needed to continue bit-identically after this epoch, written atomically."""
+def _save_state(path: Path, tag: str, model, extra, optimizer, scheduler, order: torch.Generator,
+                result: PhaseResult) -> None:
+    """Everything needed to continue bit-identically after this epoch, written atomically.
+
+    Only tensors, numbers, strings and containers of them: it loads with ``weights_only=True``.
+    ``tag`` names the config and seed that wrote it; only a run with the same tag resumes from it.
+    """
     atomic_torch_save({
-        "model": model.state_dict(), "extra": extra.state_dict(), "optimizer": optimizer.state_dict(),
+        "tag": tag, "model": model.state_dict(), "extra": extra.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "order_rng": order.get_state(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -216,12 +194,23 @@ def _save_state(path: Path, model, extra, optimizer, scheduler, order: torch.Gen
     }, path)
 
 
-def _load_state(path: Path, model, extra, optimizer, scheduler, order: torch.Generator, result: PhaseResult) -> None:
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=False)
+def check_state_tag(path: Path, tag: str) -> dict:
+    """Load a resume state safely and check it was written for ``tag`` (config hash and seeds); return it."""
+    try:  # weights_only: a state file planted in a run dir cannot run code
+        st = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"resume state '{path}' is unreadable ({type(err).__name__}); delete it to start over"
-                        ) from None
+        raise UserError(f"resume state '{path}' is unreadable or not a kd-train state ({type(err).__name__}); "
+                        "delete it to start over") from None
+    if not isinstance(st, dict) or st.get("tag") != tag:
+        written = st.get("tag") if isinstance(st, dict) else None
+        raise UserError(f"resume state '{path}' was written by another run ({written}), not this one ({tag}); "
+                        "rerun with that run's config and seed, or delete it to start over")
+    return st
+
+
+def _load_state(path: Path, tag: str, model, extra, optimizer, scheduler, order: torch.Generator,
+                result: PhaseResult) -> None:
+    st = check_state_tag(path, tag)
     model.load_state_dict(st["model"])
     extra.load_state_dict(st["extra"])
     optimizer.load_state_dict(st["optimizer"])
@@ -252,12 +241,14 @@ def fit(
     teacher: TeacherOutputs | None = None,
     extra: nn.Module | None = None,
     state_path: Path | None = None,
+    state_tag: str = "",
     augment: Augment | None = None,
 ) -> PhaseResult:
     """Train ``model`` (and ``extra``) with ``method`` for ``epochs``; track best-on-val weights.
 
     With ``state_path``, the full training state is saved after every epoch and a run that
-    finds it continues from there, giving the same numbers as an uninterrupted run.
+    finds it continues from there, giving the same numbers as an uninterrupted run; ``state_tag``
+    (config hash, seed, phase) must match the one the state was written with.
     """
     extra = extra if extra is not None else nn.ModuleDict()
     model.to(env.device)
@@ -267,10 +258,11 @@ def fit(
     graphs = env.compute.cuda_graphs != "off" and graphs_reason(env, str(optimizer_cfg.name)) is None
     optimizer = build_optimizer(optimizer_cfg, params, fused=env.device.type == "cuda", capturable=graphs)
     scheduler = build_scheduler(scheduler_cfg, optimizer, epochs)
+    monitor = plateau_monitor(scheduler_cfg) if str(scheduler_cfg.name) == "plateau" else None
     order = torch.Generator().manual_seed(derive_seed(seed, "batch_order"))  # same for baseline and student
     result = PhaseResult()
     if state_path is not None and state_path.is_file():
-        _load_state(state_path, model, extra, optimizer, scheduler, order, result)
+        _load_state(state_path, state_tag, model, extra, optimizer, scheduler, order, result)
         if env.progress and result.resumed_from_epoch < epochs:
             tqdm.write(f"[{phase}] resuming after epoch {result.resumed_from_epoch} from {state_path}")
     with Taps(model, method.student_taps, "student") as taps:
@@ -282,21 +274,18 @@ def fit(
                 raise UserError(f"{phase}: training loss became {row['train_loss']} at epoch {epoch}; "
                                 f"lower optimizer.lr (now {optimizer_cfg.lr}) or the loss weights")
             if val is not None:
-                row["val_acc"] = predict_accuracy(model, val, env)
+                row["val_acc"], row["val_loss"] = evaluate(model, val, env)
                 if result.best_val_acc is None or row["val_acc"] > result.best_val_acc:
                     result.best_val_acc, result.best_epoch = row["val_acc"], epoch
                     result.best_state = {"model": copy.deepcopy(model.state_dict()),
                                          "extra": copy.deepcopy(extra.state_dict())}
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(row.get("val_acc", row["train_acc"]))
-            elif scheduler is not None:
-                scheduler.step()
+            scheduler_step(scheduler, row, monitor)
             row["epoch_seconds"] = time.perf_counter() - t0
             result.cuda_graph_replays = step.replays
             result.history.append(row)
             result.train_seconds += row["epoch_seconds"]
             if state_path is not None:
-                _save_state(state_path, model, extra, optimizer, scheduler, order, result)
+                _save_state(state_path, state_tag, model, extra, optimizer, scheduler, order, result)
             if env.progress:
                 shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                  if k not in ("phase", "epoch_seconds"))

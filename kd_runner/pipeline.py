@@ -18,15 +18,17 @@ from kd_runner.data import build_data
 from kd_runner.data.augment import Augment, phase_augments
 from kd_runner.data.cache import set_cache_dir
 from kd_runner.data.tensors import DataBundle, Normalizer
-from kd_runner.engine import Env, PhaseResult, TeacherOutputs, fit, predict_accuracy, probe_shapes
+from kd_runner.engine import Env, PhaseResult, TeacherOutputs, check_state_tag, fit, predict_accuracy, probe_shapes
 from kd_runner.errors import UserError
-from kd_runner.methods import CE, build_method
 from kd_runner.methods.base import Method
+from kd_runner.methods.ce import CE
+from kd_runner.methods.registry import build_method
 from kd_runner.model_store import baseline_key, load_or_train, teacher_key
 from kd_runner.models import build_model
 from kd_runner.step import graphs_reason
 from kd_runner.utils import (
     atomic_write_text,
+    available_memory,
     count_params,
     derive_seed,
     keep_freed_memory,
@@ -50,7 +52,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     torch.use_deterministic_algorithms(trainer.deterministic, warn_only=True)
     device = resolve_device(trainer.device)
     timings: dict[str, float] = {}
-    state_dir = claim_state_dir(run_dir, report.config_hash(cfg))
+    cfg_hash = report.config_hash(cfg)
+    state_tag = f"config {cfg_hash}, seed {seed}, teacher_seed {cfg.teacher_seed}"
+    state_dir = claim_state_dir(run_dir, cfg_hash, state_tag)
 
     t0 = time.perf_counter()
     set_cache_dir(Path(str(cfg.paths.cache_dir)))
@@ -69,7 +73,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         teacher = prepare_model(build_model(cfg.teacher, shape, classes), device, env.compute)
     seed_everything(derive_seed(seed, SEED_STUDENT_INIT))
     student_init = prepare_model(build_model(cfg.student, shape, classes), device, env.compute)
-    extra = _build_extra(method, student_init, teacher, data, env, seed)
+    extra, teacher_shapes = _build_extra(method, student_init, teacher, data, env, seed)
+    outputs_note = None
+    if outputs_mode == "cache":  # decided now, before any training: a cache that cannot fit runs live instead
+        outputs_mode, outputs_note = fit_teacher_cache(len(data.train), classes, teacher_shapes, device,
+                                                       trainer.teacher_outputs_max_gb)
+        if outputs_note:
+            print(f"kd-train: {outputs_note}", flush=True)
     models_built = {"student": student_init, **({"teacher": teacher} if teacher is not None else {})}
     init_hash = weights_hash(student_init)
 
@@ -78,7 +88,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     teacher_info: dict = {}
     if teacher is not None:
         t0 = time.perf_counter()
-        teacher_info, res = _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir,
+        teacher_info, res = _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, state_tag,
                                            int(cfg.teacher_seed), augments["teacher"])
         timings["teacher"] = time.perf_counter() - t0
         models["teacher"] = _evaluate("teacher", teacher, None, res, data, env, trainer, cfg.teacher, run_dir)
@@ -92,7 +102,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             seed_everything(derive_seed(seed, SEED_TRAIN))
             return fit("baseline", baseline, CE(), data.train, data.val, env, epochs=trainer.student_epochs,
                        optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
-                       state_path=state_dir / "baseline.pt", augment=augments["baseline"])
+                       state_path=state_dir / "baseline.pt", state_tag=state_tag, augment=augments["baseline"])
 
         key = (baseline_key(cfg, data.fingerprint, init_hash, augments["baseline"])
                if trainer.baseline_cache else None)
@@ -109,11 +119,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if teacher is not None:
         t_out = TeacherOutputs(teacher, method.teacher_taps, env, data.train, outputs_mode)
         teacher_info["outputs"] = outputs_mode
+        if outputs_note:
+            teacher_info["outputs_note"] = outputs_note
         teacher_info["outputs_cache_seconds"] = round(t_out.cache_seconds, 3)
     seed_everything(derive_seed(seed, SEED_TRAIN))
     res = fit("student", student, method, data.train, data.val, env, epochs=trainer.student_epochs,
               optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed, teacher=t_out, extra=extra,
-              state_path=state_dir / "student.pt", augment=augments["student"])
+              state_path=state_dir / "student.pt", state_tag=state_tag, augment=augments["student"])
     del t_out
     timings["student"] = time.perf_counter() - t0
     models["student"] = _evaluate("student", student, extra, res, data, env, trainer, cfg.student, run_dir)
@@ -172,13 +184,31 @@ def make_env(trainer: Trainer, data: DataBundle, device: torch.device) -> Env:
                trainer.progress, compute=compute, data_on_device=trainer.data_on_device)
 
 
+def fit_teacher_cache(n_train: int, classes: int, teacher_shapes: dict[str, torch.Size], device: torch.device,
+                      max_gb: float | None = None) -> tuple[str, str | None]:
+    """``("cache", None)`` when the teacher's logits and tapped maps over the train split fit in ``max_gb``
+    (default: half the memory available on ``device``); else ``("live", why)``: the teacher then runs on
+    every batch instead, which gives the same losses at the cost of a teacher forward per step."""
+    need = TeacherOutputs.cache_bytes(n_train, classes, teacher_shapes)
+    if max_gb is None:
+        budget, what = available_memory(device) // 2, f"half the memory available on {device.type}"
+    else:
+        budget, what = int(max_gb * 2**30), f"trainer.teacher_outputs_max_gb={max_gb:g}"
+    if need <= budget:
+        return "cache", None
+    return "live", (f"the teacher-output cache would take {need / 2**30:.3g} GiB, more than {what} "
+                    f"({budget / 2**30:.3g} GiB); the teacher runs live on every batch instead")
+
+
 def _build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, data: DataBundle,
-                 env: Env, seed: int) -> nn.Module:
-    """Resolve taps on both models and let the method build its trainable extras for those shapes."""
+                 env: Env, seed: int) -> tuple[nn.Module, dict[str, torch.Size]]:
+    """Resolve taps on both models and let the method build its trainable extras for those shapes.
+
+    Returns the extras and the teacher's tapped shapes (they size the teacher-output cache)."""
     s_shapes = probe_shapes(student, method.student_taps, data.train, env, "student")
     t_shapes = probe_shapes(teacher, method.teacher_taps, data.train, env, "teacher") if teacher is not None else {}
     seed_everything(derive_seed(seed, SEED_EXTRA))
-    return prepare_model(method.extra_modules(s_shapes, t_shapes), env.device, env.compute)
+    return prepare_model(method.extra_modules(s_shapes, t_shapes), env.device, env.compute), t_shapes
 
 
 def _teacher_output_mode(requested: str, student_augment: Augment | None) -> str:
@@ -191,7 +221,7 @@ def _teacher_output_mode(requested: str, student_augment: Augment | None) -> str
     return "live" if student_augment is not None else "cache"
 
 
-def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed,
+def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, state_tag: str, seed,
                    augment: Augment | None) -> tuple[dict, PhaseResult | None]:
     """Teacher from an explicit checkpoint, from the content-addressed store, or trained (and stored)."""
     ckpt = cfg.teacher.get("checkpoint")
@@ -204,7 +234,7 @@ def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, seed,
         seed_everything(derive_seed(seed, SEED_TRAIN))
         return fit("teacher", teacher, CE(), data.train, data.val, env, epochs=trainer.teacher_epochs,
                    optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
-                   state_path=state_dir / "teacher.pt", augment=augment)
+                   state_path=state_dir / "teacher.pt", state_tag=state_tag, augment=augment)
 
     key = teacher_key(cfg, data.fingerprint, augment) if trainer.teacher_cache else None
     return load_or_train(store_root(cfg, "teachers"), key, teacher, cfg.teacher, data, run_dir, train_teacher)
@@ -215,8 +245,11 @@ def store_root(cfg: DictConfig, kind: str) -> Path:
     return Path(str(cfg.paths.cache_dir)) / kind
 
 
-def claim_state_dir(run_dir: Path, cfg_hash: str) -> Path:
-    """``run_dir/state``, where per-epoch training state lives; refuse state left by another config."""
+def claim_state_dir(run_dir: Path, cfg_hash: str, tag: str) -> Path:
+    """``run_dir/state``, where per-epoch training state lives; refuse state left by another config or seed.
+
+    Every state file is checked now, before any training (and again when a phase resumes from it).
+    """
     state_dir = run_dir / "state"
     marker = state_dir / "config_hash"
     if marker.is_file() and marker.read_text().strip() != cfg_hash and any(state_dir.glob("*.pt")):
@@ -224,6 +257,8 @@ def claim_state_dir(run_dir: Path, cfg_hash: str) -> Path:
             f"run dir '{run_dir}' holds the partial state of a different config (hash {marker.read_text().strip()}, "
             f"this one {cfg_hash}); rerun with the original overrides or choose another hydra.run.dir"
         )
+    for path in sorted(state_dir.glob("*.pt")):
+        check_state_tag(path, tag)
     state_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, cfg_hash + "\n")
     return state_dir

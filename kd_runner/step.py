@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_runner.compute import to_model_format
-from kd_runner.methods import Method, Outputs
+from kd_runner.methods.base import Method, Outputs
 from kd_runner.taps import Taps
 
 WARMUP_STEPS = 3  # eager steps before capture: cuBLAS/cuDNN handles, optimizer state, autotuning

@@ -28,15 +28,28 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+# the code that shapes a trained teacher or CE baseline: architectures, data, the loop, optimisers,
+# seeding, and the CE loss they train with. Other methods, reports, sweeps and the CLI are left out,
+# so adding or editing a distillation method does not invalidate every stored teacher.
+TRAINING_CODE = ("models", "data", "engine.py", "step.py", "optim.py", "compute.py", "taps.py", "utils.py",
+                 "pipeline.py", "checkpoints.py", "methods/base.py", "methods/ce.py")
+
+
+def training_code_files(parts: tuple[str, ...] = TRAINING_CODE) -> list[Path]:
+    """The package's source files under ``parts`` (files or folders), sorted."""
+    root = Path(__file__).resolve().parent
+    found = {f for part in parts for f in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part])}
+    return sorted(found)
+
+
 @functools.cache
 def code_hash() -> str:
-    """Hash of kd-runner's own source: a stored teacher trained by other code is not the same teacher.
-
-    The version string alone misses edits between releases (a checkout, an editable install).
+    """Hash of the training code (:data:`TRAINING_CODE`): a stored teacher trained by other code is not the
+    same teacher, and the version string alone misses edits between releases (a checkout, an editable install).
     """
     h = hashlib.sha256()
     root = Path(__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
+    for path in training_code_files():
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -133,6 +146,19 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("trainer.device=mps but MPS is not available; use auto or cpu")
     return torch.device(name)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device``: free GPU memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def save_figure(fig, path: Path) -> None:

@@ -12,9 +12,10 @@ from omegaconf import OmegaConf
 
 from kd_runner.compute import Compute, prepare_model
 from kd_runner.data.tensors import Normalizer, Split
-from kd_runner.engine import Env, build_optimizer
+from kd_runner.engine import Env
 from kd_runner.methods import CE
 from kd_runner.models.tutorial import LightNN
+from kd_runner.optim import build_optimizer
 from kd_runner.step import WARMUP_STEPS, TrainStep
 from kd_runner.taps import Taps
 

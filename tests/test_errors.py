@@ -133,8 +133,8 @@ def test_cuda_without_gpu():
 ])
 def test_non_numeric_optimizer_and_scheduler_values_are_user_errors(group, cfg):
     """``optimizer.lr=fast`` and the like must give the one-line error, not a ValueError traceback."""
-    from kd_runner.engine import build_optimizer, build_scheduler
     from kd_runner.errors import UserError
+    from kd_runner.optim import build_optimizer, build_scheduler
 
     probe = [torch.nn.Parameter(torch.zeros(1))]
     with pytest.raises(UserError):

@@ -168,7 +168,8 @@ class StreamSplit:
     """A split decoded on demand: ``dataset`` items, this split's int64 ``labels`` (known without decoding),
     optional ``indices`` into ``dataset`` (a subset), and the DataLoader ``num_workers``.
 
-    Offers what the engine uses from ``Split``: ``len``, ``labels``, ``subset``, ``sample_shape``, ``head``.
+    Offers what the engine uses from ``Split``: ``len``, ``labels``, ``subset``, ``sample_shape``, ``head``,
+    ``batches``, ``to``, ``resident_bytes``, ``on_host``, ``where``.
     """
 
     dataset: Dataset
@@ -232,6 +233,21 @@ class StreamSplit:
     def close(self) -> None:
         """Stop this split's persistent workers now rather than when the split is garbage collected."""
         self._loaders.clear()
+
+    # the batching surface of ``tensors.Split``: a streamed split is never staged whole on a device
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                pin: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        return stream_batches(self, batch_size, shuffle=shuffle, generator=generator, pin=pin)
+
+    resident_bytes = None  # not held in memory: nothing to stage
+    on_host = True
+
+    def to(self, device: torch.device) -> StreamSplit:
+        return self
+
+    def where(self) -> str:
+        return f"streamed by {self.num_workers} DataLoader workers"
 
 
 def _new_loader(split: StreamSplit, pin: bool, persistent: bool) -> tuple[DataLoader, _Chunks]:

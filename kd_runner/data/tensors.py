@@ -36,6 +36,27 @@ class Split:
         """The first ``n`` images (shape probes); a view, no copy."""
         return self.images[:n]
 
+    # the batching surface the engine uses; ``streaming.StreamSplit`` offers the same one
+
+    def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return batches(self, batch_size, shuffle=shuffle, generator=generator, pin=pin)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the whole split takes in memory (what staging it on a GPU would cost)."""
+        return self.images.numel() * self.images.element_size() + self.labels.numel() * 8
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+    @property
+    def on_host(self) -> bool:
+        return self.images.device.type == "cpu"
+
+    def where(self) -> str:
+        return "host" if self.on_host else "device"
+
 
 @dataclass
 class DataBundle:

@@ -1,27 +1,28 @@
-"""Method registry: ``method.name`` -> class; a new method is one file here and one YAML."""
+"""Distillation methods, one file each behind the interface in ``base``.
+
+Importing this package loads only the interface; ``registry`` finds the methods. ``METHODS``,
+``build_method`` and the method classes are still reachable from here, loaded on first use.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
-
-from kd_runner.errors import UserError, choices
 from kd_runner.methods.base import Method, Outputs
-from kd_runner.methods.ce import CE
-from kd_runner.methods.cosine import Cosine
-from kd_runner.methods.hint import Hint
-from kd_runner.methods.kd import KD
-
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CE, KD, Cosine, Hint)}
 
 __all__ = ["METHODS", "Method", "Outputs", "build_method"]
 
 
-def build_method(cfg: DictConfig) -> Method:
-    name = str(cfg.name)
-    if name not in METHODS:
-        raise UserError(f"method.name={name!r} is unknown; valid: {choices(METHODS)}")
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "name"}
-    try:
-        return METHODS[name](**kwargs)
-    except TypeError as err:
-        raise UserError(f"method={name}: unknown option ({err})") from None
+def __getattr__(name: str):
+    import importlib
+
+    if name.startswith("__"):
+        raise AttributeError(name)
+    registry = importlib.import_module("kd_runner.methods.registry")
+
+    if name == "METHODS":
+        return registry.methods()
+    if name == "build_method":
+        return registry.build_method
+    for cls in registry.methods().values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module 'kd_runner.methods' has no attribute {name!r}")
