@@ -139,3 +139,16 @@ def test_val_loss_is_logged_per_epoch(tmp_path):
 
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert rows and all(float(r["val_loss"]) > 0 for r in rows)
+
+
+def test_dataset_subsets_are_seeded_and_bounded():
+    from kd_runner.data import take_subset
+    from kd_runner.data.tensors import Split
+
+    split = Split(torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1), torch.arange(50))
+    a, b = take_subset(split, 10, 0, "dataset.train_subset"), take_subset(split, 10, 0, "dataset.train_subset")
+    assert len(a) == 10 and torch.equal(a.labels, b.labels) and len(set(a.labels.tolist())) == 10
+    assert not torch.equal(a.labels, take_subset(split, 10, 1, "dataset.train_subset").labels)
+    assert take_subset(split, None, 0, "dataset.train_subset") is split
+    with pytest.raises(UserError, match="dataset.train_subset=51 is invalid"):
+        take_subset(split, 51, 0, "dataset.train_subset")

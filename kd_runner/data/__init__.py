@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
+import torch
 from omegaconf import DictConfig
 
 from kd_runner.data import cifar, digits, image_folder, mnist
 from kd_runner.data.streaming import estimate_decoded_bytes, load_stream, stream_channel_stats
 from kd_runner.data.tensors import DataBundle, Split, carve_val, channel_stats
-from kd_runner.errors import UserError, choices
+from kd_runner.errors import UserError, choices, number
 
 LOADERS = {"digits": digits.load, "mnist": mnist.load, "cifar10": cifar.load, "image_folder": image_folder.load}
 
@@ -30,6 +31,17 @@ def choose_path(cfg: DictConfig, requested: str, budget_bytes: int | None = None
     return "tensor" if size is None or size <= budget else "loader"
 
 
+def take_subset(split: Split, size, seed: int, key: str) -> Split:
+    """A seeded random subset of ``size`` items (quick runs on a slice of a big dataset); all when ``size`` is null."""
+    if size is None:
+        return split
+    n = number(size, key, int)
+    if not 1 <= n <= len(split):
+        raise UserError(f"{key}={size!r} is invalid; it must be between 1 and the split's {len(split)} images, or null")
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed + 1))
+    return split.subset(order[:n].sort().values)
+
+
 def build_data(cfg: DictConfig, data_path: str = "tensor", num_workers: int = 2) -> DataBundle:
     """Load the configured dataset, carve a val split seeded by ``split_seed``, settle normalisation."""
     name = str(cfg.name)
@@ -38,6 +50,8 @@ def build_data(cfg: DictConfig, data_path: str = "tensor", num_workers: int = 2)
     path = choose_path(cfg, data_path)
     out = load_stream(cfg, num_workers) if path == "loader" else LOADERS[name](cfg)
     train, val = carve_val(out["train"], float(cfg.get("val_fraction") or 0.0), int(cfg.get("split_seed", 0)))
+    train = take_subset(train, cfg.get("train_subset"), int(cfg.get("split_seed", 0)), "dataset.train_subset")
+    test = take_subset(out["test"], cfg.get("test_subset"), int(cfg.get("split_seed", 0)), "dataset.test_subset")
     channels = train.sample_shape[0]
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None:  # no published stats: use this train split's
@@ -47,5 +61,5 @@ def build_data(cfg: DictConfig, data_path: str = "tensor", num_workers: int = 2)
         raise UserError(
             f"dataset.mean/std have {len(mean)}/{len(std)} values but the images have {channels} channel(s)"
         )
-    return DataBundle(name=name, train=train, test=out["test"], val=val, classes=list(out["classes"]),
+    return DataBundle(name=name, train=train, test=test, val=val, classes=list(out["classes"]),
                       mean=mean, std=std, source=out["source"], path=path)
