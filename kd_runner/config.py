@@ -9,7 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_runner.compute import resolve_compute
 from kd_runner.data import DATA_PATHS
+from kd_runner.data.augment import Augment, phase_augments
 from kd_runner.errors import UserError, choices, number
+from kd_runner.methods.base import Method
 from kd_runner.optim import build_optimizer, build_scheduler
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -126,3 +128,24 @@ def validate(cfg: DictConfig) -> Trainer:
     if cfg.scheduler.name == "step" and number(cfg.scheduler.step_size, "scheduler.step_size", int) < 1:
         raise UserError(f"scheduler.step_size={cfg.scheduler.step_size} is invalid; it must be >= 1")
     return trainer
+
+
+def _teacher_output_mode(requested: str, student_augment: Augment | None) -> str:
+    """Cache teacher outputs unless the student's views are random: then the teacher must see the same view."""
+    if requested == "cache" and student_augment is not None:
+        raise UserError("trainer.teacher_outputs=cache with a randomly augmented student would distill from "
+                        "views the student never sees; use auto or live, or drop 'student' from augment.phases")
+    if requested != "auto":
+        return requested
+    return "live" if student_augment is not None else "cache"
+
+
+def preflight(cfg: DictConfig) -> tuple[Trainer, Method, dict[str, Augment | None], str | None]:
+    """Every check that needs no data: a bad value fails here, before a run touches its run dir."""
+    trainer = validate(cfg)
+    from kd_runner.methods.registry import build_method  # loads every method: only when a run is checked
+
+    method = build_method(cfg.method)
+    augments = phase_augments(cfg.augment)
+    outputs_mode = _teacher_output_mode(trainer.teacher_outputs, augments["student"]) if method.needs_teacher else None
+    return trainer, method, augments, outputs_mode

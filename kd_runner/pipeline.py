@@ -13,16 +13,15 @@ from torch import nn
 
 from kd_runner import checkpoints, inference, report
 from kd_runner.compute import prepare_model, resolve_compute
-from kd_runner.config import Trainer, validate
+from kd_runner.config import Trainer, preflight
 from kd_runner.data import build_data
-from kd_runner.data.augment import Augment, phase_augments
+from kd_runner.data.augment import Augment
 from kd_runner.data.cache import set_cache_dir
 from kd_runner.data.tensors import DataBundle, Normalizer
 from kd_runner.engine import Env, PhaseResult, TeacherOutputs, check_state_tag, fit, predict_accuracy, probe_shapes
 from kd_runner.errors import UserError
 from kd_runner.methods.base import Method
 from kd_runner.methods.ce import CE
-from kd_runner.methods.registry import build_method
 from kd_runner.model_store import baseline_key, load_or_train, teacher_key
 from kd_runner.models import build_model
 from kd_runner.step import graphs_reason
@@ -141,15 +140,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return rep
 
 
-def preflight(cfg: DictConfig) -> tuple[Trainer, Method, dict[str, Augment | None], str | None]:
-    """Every check that needs no data: a bad value fails here, before a run touches its run dir."""
-    trainer = validate(cfg)
-    method = build_method(cfg.method)
-    augments = phase_augments(cfg.augment)
-    outputs_mode = _teacher_output_mode(trainer.teacher_outputs, augments["student"]) if method.needs_teacher else None
-    return trainer, method, augments, outputs_mode
-
-
 def run_paths(env: Env, data: DataBundle, models_built: dict[str, nn.Module], optimizer: str,
               allocator: str = "") -> dict:
     """Which data and compute paths this run took, for the report."""
@@ -209,16 +199,6 @@ def _build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, 
     t_shapes = probe_shapes(teacher, method.teacher_taps, data.train, env, "teacher") if teacher is not None else {}
     seed_everything(derive_seed(seed, SEED_EXTRA))
     return prepare_model(method.extra_modules(s_shapes, t_shapes), env.device, env.compute), t_shapes
-
-
-def _teacher_output_mode(requested: str, student_augment: Augment | None) -> str:
-    """Cache teacher outputs unless the student's views are random: then the teacher must see the same view."""
-    if requested == "cache" and student_augment is not None:
-        raise UserError("trainer.teacher_outputs=cache with a randomly augmented student would distill from "
-                        "views the student never sees; use auto or live, or drop 'student' from augment.phases")
-    if requested != "auto":
-        return requested
-    return "live" if student_augment is not None else "cache"
 
 
 def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, state_tag: str, seed,
