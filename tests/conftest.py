@@ -128,6 +128,7 @@ def experiment_runs(tmp_path_factory, cifar_batches_root, cifar_jpeg_root, mnist
                              "env": {"KD_DATA_DIR": str(cifar_batches_root)}},
         # the cifar10/{train,test}/<class>/*.jpg tree
         "cifar10_resnet50": {"args": ["experiment=cifar10_resnet50", "teacher.weights=null", "teacher.name=resnet18",
+                                      "student.resize=null",
                                       "teacher.resize=32", *SMALL_BATCHES],
                              "env": {"KD_DATA_DIR": str(cifar_jpeg_root)}},
         "mnist_hinton": {"args": ["experiment=mnist_hinton", *SMALL_BATCHES], "env": {"KD_DATA_DIR": str(mnist_root)}},

@@ -30,19 +30,37 @@ EXPECTED = {
     },
     "mnist_keras": {
         "fixture": "mnist_keras_run", "dataset": "mnist", "input_shape": [1, 28, 28],
-        "method": {"T": 3.0, "soft_weight": 0.5, "ce_weight": 0.5},
+        "method": {"T": 3.0, "soft_weight": 0.5, "ce_weight": 0.5, "t_squared": False, "kl_reduction": "batchmean"},
         "arch": ("keras_conv", "mlp"),
         "params": (conv(1, 256) + conv(256, 512) + linear(512 * 7 * 7, 10), linear(784, 28) + linear(28, 10)),
     },
     "cifar10_resnet50": {
         "fixture": "cifar_resnet_run", "dataset": "cifar10", "input_shape": [3, 32, 32],
-        "method": {"T": 4.0, "soft_weight": 0.7, "ce_weight": 0.3},
-        "arch": ("torchvision", "small_cnn"),
+        "method": {"T": 1.0, "soft_weight": 0.5, "ce_weight": 0.5, "t_squared": True, "kl_reduction": "mean"},
+        "arch": ("torchvision", "demo_cnn"),
         # resnet18 has 11,689,512 params with its 1000-class head; the head is replaced by a 10-class one
         "params": (11_689_512 - linear(512, 1000) + linear(512, 10),
-                   conv(3, 32) + 2 * 32 + conv(32, 64) + 2 * 64 + linear(64 * 8 * 8, 128) + linear(128, 10)),
+                   conv(3, 64) + conv(64, 64) + conv(64, 128) + conv(128, 128) + linear(128, 32) + linear(32, 10)),
+    },
+    "mnist_hinton_bn_mlp": {
+        "fixture": "mnist_hinton_bn_mlp_run", "dataset": "mnist", "input_shape": [1, 28, 28],
+        "method": {"T": 20.0, "soft_weight": 800.7, "ce_weight": 0.3, "t_squared": False, "kl_reduction": "mean"},
+        "arch": ("mlp", "mlp"),
+        # Linear + BatchNorm1d (weight and bias) per hidden layer
+        "params": (linear(784, 1200) + 2 * 1200 + linear(1200, 1200) + 2 * 1200 + linear(1200, 10),
+                   linear(784, 800) + 2 * 800 + linear(800, 800) + 2 * 800 + linear(800, 10)),
     },
 }
+
+
+@pytest.fixture(scope="module")
+def mnist_hinton_bn_mlp_run(tmp_path_factory, mnist_root):
+    """The Hinton MNIST project's BN MLPs on tiny MNIST (its 10% val split: 6 of 64 images)."""
+    from helpers import assert_ok, run_cli
+
+    proc, run_dir = run_cli(["experiment=mnist_hinton_bn_mlp", "trainer.batch_size=16", "trainer.eval_batch_size=32"],
+                            tmp_path_factory.mktemp("mnist_hinton_bn_mlp"), env={"KD_DATA_DIR": str(mnist_root)})
+    return proc, run_dir, assert_ok(proc, run_dir)
 
 
 @pytest.fixture(params=list(EXPECTED))
@@ -97,8 +115,25 @@ def test_mnist_hinton_uses_dropout_teacher_and_cosine_schedule(mnist_hinton_run)
 
 def test_mnist_keras_student_is_dense_28(mnist_keras_run):
     _, _, rep = mnist_keras_run
-    assert rep["models"]["student"]["arch"]["hidden"] == [28]
-    assert rep["models"]["teacher"]["arch"]["negative_slope"] == 0.2
+    s, t = rep["models"]["student"]["arch"], rep["models"]["teacher"]["arch"]
+    assert s["hidden"] == [28] and s["activation"] == "none" and s["init"] == "glorot_uniform"
+    assert t["negative_slope"] == 0.2 and t["init"] == "glorot_uniform"
+    cfg = rep["config"]
+    assert cfg["optimizer"]["lr"] == 0.01 and cfg["optimizer"]["eps"] == 1e-7
+    assert cfg["dataset"]["mean"] == [0.0] and cfg["dataset"]["std"] == [1.0]
+    assert cfg["scheduler"]["name"] == "none"
+
+
+def test_mnist_hinton_bn_mlp_uses_bn_mlps_and_plateau_on_val_loss(mnist_hinton_bn_mlp_run):
+    _, run_dir, rep = mnist_hinton_bn_mlp_run
+    t, s = rep["models"]["teacher"]["arch"], rep["models"]["student"]["arch"]
+    assert t["hidden"] == [1200, 1200] and t["batch_norm"] is True and t["dropout"] == 0.8
+    assert s["hidden"] == [800, 800] and s["batch_norm"] is True and s["dropout"] == 0.0
+    assert t["init"] == s["init"] == "normal" and t["init_std"] == s["init_std"] == 0.02
+    cfg = rep["config"]
+    assert cfg["scheduler"] == {"name": "plateau", "monitor": "val_loss", "factor": 0.1, "patience": 10}
+    assert cfg["dataset"]["val_fraction"] == 0.1 and cfg["dataset"]["mean"] == [0.1307]
+    assert all(r["val_loss"] for r in read_metrics(run_dir))  # the plateau scheduler's metric is logged
 
 
 def test_resnet_experiment_offline_overrides_and_frozen_backbone(cifar_resnet_run):

@@ -1,4 +1,5 @@
-"""Fully connected nets: Hinton et al.'s MNIST MLPs and the Keras demo's Dense(28) student."""
+"""Fully connected nets: Hinton et al.'s MNIST MLPs, the Hinton MNIST project's BatchNorm MLPs and the
+Keras demo's Dense(28) student."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import math
 import torch
 from torch import nn
 
+from kd_runner.errors import UserError, choices
+
+ACTIVATIONS = ("relu", "none")
+
 
 class MLP(nn.Module):
-    """Flatten -> [Linear, ReLU, Dropout] * len(hidden) -> Linear.
+    """Flatten -> [Linear, (BatchNorm1d), activation, (Dropout)] * len(hidden) -> Linear.
 
+    ``activation: none`` stacks the hidden Linear layers with nothing between them (a Keras ``Dense``
+    with its default linear activation). ``batch_norm`` puts a BatchNorm1d after each hidden Linear.
     ``features`` is the hidden stack (tap it by name), ``classifier`` the output layer.
     """
 
@@ -21,14 +28,24 @@ class MLP(nn.Module):
         hidden: list[int],
         dropout: float = 0.0,
         input_dropout: float = 0.0,
+        activation: str = "relu",
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise UserError(f"arch=mlp: activation={activation!r} is invalid; valid: {choices(ACTIVATIONS)}")
+        if not isinstance(batch_norm, bool):
+            raise UserError(f"arch=mlp: batch_norm={batch_norm!r} is invalid; valid: false, true")
         layers: list[nn.Module] = [nn.Flatten()]
         if input_dropout > 0:
             layers.append(nn.Dropout(input_dropout))
         width = math.prod(input_shape)
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers.append(nn.Linear(width, h))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(h))
+            if activation == "relu":
+                layers.append(nn.ReLU())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = h
