@@ -13,10 +13,10 @@ from kd_runner.errors import UserError
 from kd_runner.utils import atomic_torch_save
 
 
-def save(path: Path, model: nn.Module, model_cfg: DictConfig, input_shape, num_classes: int,
-         extra: nn.Module | None = None) -> int:
-    """Write a checkpoint atomically; return the size on disk in bytes."""
-    payload = {
+def payload(model: nn.Module, model_cfg: DictConfig, input_shape, num_classes: int,
+            extra: nn.Module | None = None) -> dict:
+    """What a checkpoint file holds: CPU state dicts plus what is needed to rebuild the model."""
+    return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": {k: v.detach().cpu() for k, v in extra.state_dict().items()} if extra is not None else {},
         "model_cfg": OmegaConf.to_container(model_cfg, resolve=True),
@@ -24,13 +24,23 @@ def save(path: Path, model: nn.Module, model_cfg: DictConfig, input_shape, num_c
         "num_classes": num_classes,
         "kd_runner": __version__,
     }
-    atomic_torch_save(payload, path)
+
+
+def save(path: Path, model: nn.Module, model_cfg: DictConfig, input_shape, num_classes: int,
+         extra: nn.Module | None = None) -> int:
+    """Write a checkpoint atomically; return the size on disk in bytes."""
+    atomic_torch_save(payload(model, model_cfg, input_shape, num_classes, extra), path)
     return path.stat().st_size
 
 
 def load_weights(path: str | Path, model: nn.Module, role: str) -> str:
     """Load a kd-runner checkpoint or a bare state dict into ``model``; one-line errors otherwise."""
     p = Path(str(path)).expanduser()
+    if p.is_dir():
+        found = sorted(str(c.relative_to(p)) for c in [*p.glob("*.pt"), *p.glob("checkpoints/*.pt")])
+        hint = f" (it holds {', '.join(found[:4])}{', ...' if len(found) > 4 else ''})" if found else ""
+        raise UserError(f"{role}.checkpoint='{p}' is a directory, not a checkpoint file; give a .pt file saved by "
+                        f"kd-train (e.g. <run dir>/checkpoints/teacher.pt) or torch.save{hint}")
     if not p.is_file():
         raise UserError(f"{role}.checkpoint='{p}' does not exist; give a file saved by kd-train or torch.save")
     try:

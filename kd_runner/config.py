@@ -112,6 +112,12 @@ def validate(cfg: DictConfig) -> Trainer:
     for key in ("split_seed", "image_size", "channels"):
         if cfg.dataset.get(key) is not None:
             number(cfg.dataset.get(key), f"dataset.{key}", int)
+    for v in cfg.dataset.get("mean") or []:
+        number(v, "dataset.mean")
+    if str(cfg.dataset.name) == "digits":
+        from kd_runner.data.digits import count_test_images
+
+        count_test_images(cfg.dataset.get("test_fraction"))
     std = cfg.dataset.get("std")
     if std is not None and any(number(v, "dataset.std") <= 0 for v in std):
         raise UserError(f"dataset.std={list(std)} is invalid; every value must be > 0")

@@ -1,5 +1,7 @@
 """User-facing errors: one line, non-zero exit, no traceback."""
 
+import math
+
 
 class UserError(Exception):
     """A mistake in the user's config, data or files.
@@ -18,12 +20,22 @@ def choices(values) -> str:
 
 
 def number(value, name: str, kind: type = float):
-    """``kind(value)`` for a config value, or a one-line UserError naming ``name`` and the bad value."""
+    """``kind(value)`` for a config value, or a one-line UserError naming ``name`` and the bad value.
+
+    NaN and infinities are refused: they pass every range check (``nan > 0`` is simply False) and
+    would only surface epochs later as a nan loss.
+    """
     if isinstance(value, bool) or value is None:
         raise UserError(f"{name}={value!r} is invalid; it must be a number")
     try:
+        finite = math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
+        finite = True  # not a number at all (reported below), or an integer too large for a float
+    if not finite:
+        raise UserError(f"{name}={value!r} is invalid; it must be a finite number")
+    try:
         out = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         what = "an integer" if kind is int else "a number"
         raise UserError(f"{name}={value!r} is invalid; it must be {what}") from None
     if kind is int and isinstance(value, float) and value != out:

@@ -4,13 +4,21 @@ A key covers everything that changes the trained weights: the training data, the
 (or, for the baseline, its initial weights), the training settings, the seed, and
 torch/torchvision major.minor. Concurrent jobs with the same key serialise on a file lock;
 the first trains, the rest load.
+
+Each entry's ``meta.json`` records the size and sha256 of its files; an entry that fails that check (or,
+written before sizes and hashes were recorded, does not load) is set aside, kept, and trained again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import io
 import json
+import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +30,8 @@ from torch import nn
 from kd_runner import __version__, checkpoints
 from kd_runner.data.tensors import DataBundle
 from kd_runner.engine import PhaseResult
-from kd_runner.utils import atomic_torch_save, atomic_write_text, code_hash, resolve_device, stable_hash
+from kd_runner.errors import UserError
+from kd_runner.utils import atomic_write_bytes, atomic_write_text, code_hash, resolve_device, stable_hash
 
 DATASET_LOCATION_KEYS = ("root", "download", "decode_cache", "verify_md5")
 
@@ -67,17 +76,51 @@ def baseline_key(cfg: DictConfig, data_fingerprint: dict, init_hash: str, augmen
     return stable_hash(material), material
 
 
+class CorruptEntry(Exception):
+    """A store entry that cannot be trusted; ``str()`` says why (one line)."""
+
+
+MODEL_FILE, BEST_FILE, META_FILE = "model.pt", "best.pt", "meta.json"
+
+
+def _digest(data: bytes) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _file_digest(path: Path) -> dict:
+    h, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 class ModelStore:
-    """``<root>/<key>/model.pt`` (+ ``best.pt``) and ``meta.json``; ``<root>/<key>.lock`` guards training."""
+    """``<root>/<key>/model.pt`` (+ ``best.pt``) and ``meta.json``; ``<root>/<key>.lock`` guards training.
+
+    ``meta.json`` records the size and sha256 of every file of the entry when it is written; an entry
+    whose files are missing, differ from that record or do not load is corrupt: :meth:`set_aside` moves
+    it to ``<root>/<key>.corrupt-<time>/`` (kept, never deleted) so the key can be trained again.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
+    def entry_dir(self, key: str) -> Path:
+        return self.root / key
+
     def entry(self, key: str) -> Path:
-        return self.root / key / "model.pt"
+        return self.root / key / MODEL_FILE
 
     def best_entry(self, key: str) -> Path:
-        return self.root / key / "best.pt"
+        return self.root / key / BEST_FILE
 
     @contextlib.contextmanager
     def locked(self, key: str) -> Iterator[None]:
@@ -90,41 +133,138 @@ class ModelStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def write_meta(self, key: str, meta: dict) -> None:
-        atomic_write_text(self.root / key / "meta.json", json.dumps(meta, indent=2, default=str))
+        atomic_write_text(self.root / key / META_FILE, json.dumps(meta, indent=2, default=str))
 
     def read_meta(self, key: str) -> dict:
-        path = self.root / key / "meta.json"
+        path = self.root / key / META_FILE
         try:
-            return json.loads(path.read_text()) if path.is_file() else {}
-        except json.JSONDecodeError:
+            meta = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return {}
+        return meta if isinstance(meta, dict) else {}
+
+    def load(self, key: str, model: nn.Module) -> tuple[dict, dict | None] | None:
+        """Load the entry ``key`` into ``model``; return ``(meta, best state dict or None)``.
+
+        ``None`` when nothing is stored under ``key`` (a ``best.pt`` left by an interrupted write counts as
+        nothing); :class:`CorruptEntry` when something is stored but cannot be trusted. ``model`` is only
+        touched once the entry has passed every check.
+        """
+        folder, model_pt, best_pt = self.entry_dir(key), self.entry(key), self.best_entry(key)
+        meta_path = folder / META_FILE
+        if not model_pt.exists() and not meta_path.exists():
+            return None
+        meta = self.read_meta(key)
+        if not meta_path.is_file():
+            raise CorruptEntry(f"{META_FILE} is missing")
+        if not meta:
+            raise CorruptEntry(f"{META_FILE} is unreadable")
+        if not model_pt.is_file():
+            raise CorruptEntry(f"{MODEL_FILE} is missing")
+        files = meta.get("files")
+        if files is not None:  # size and sha256 recorded at write time
+            if not isinstance(files, dict) or not isinstance(files.get(MODEL_FILE), dict):
+                raise CorruptEntry(f"{META_FILE} has no valid file record")
+            for name, want in files.items():
+                path = folder / str(name)
+                if not isinstance(want, dict) or not path.is_file():
+                    raise CorruptEntry(f"{name} is missing")
+                got = _file_digest(path)
+                if got["size"] != want.get("size"):
+                    raise CorruptEntry(f"{name} is {got['size']} bytes, {want.get('size')} were written")
+                if got["sha256"] != want.get("sha256"):
+                    raise CorruptEntry(f"{name} has sha256 {got['sha256'][:12]}..., "
+                                       f"{str(want.get('sha256'))[:12]}... was written")
+            has_best = BEST_FILE in files
+        else:  # written before hashes were recorded: a readable entry is all that can be checked
+            has_best = best_pt.is_file()
+        state = _read_state(model_pt, model, MODEL_FILE, whole_checkpoint=True)
+        best = _read_state(best_pt, model, BEST_FILE, whole_checkpoint=False) if has_best else None
+        model.load_state_dict(state)
+        return meta, best
+
+    def set_aside(self, key: str) -> Path:
+        """Move the entry ``key`` to ``<root>/<key>.corrupt-<time>`` (never deleted); return where it went."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.root / f"{key}.corrupt-{stamp}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.root / f"{key}.corrupt-{stamp}-{n}"
+        try:
+            os.replace(self.entry_dir(key), target)
+        except OSError as err:
+            raise UserError(f"store entry '{self.entry_dir(key)}' is corrupt and cannot be moved aside "
+                            f"({err.strerror or err}); move or remove it by hand") from None
+        return target
+
+    def store(self, key: str, model_bytes: bytes, best_bytes: bytes | None, meta: dict) -> None:
+        """Write the entry with every file's size and sha256 in ``meta.json``; ``model.pt`` goes last."""
+        files = {MODEL_FILE: _digest(model_bytes)}
+        if best_bytes is not None:
+            files[BEST_FILE] = _digest(best_bytes)
+            atomic_write_bytes(self.best_entry(key), best_bytes)
+        else:  # a best.pt left by an interrupted write is not this model's
+            self.best_entry(key).unlink(missing_ok=True)
+        self.write_meta(key, {**meta, "files": files})
+        atomic_write_bytes(self.entry(key), model_bytes)
+
+
+def _read_state(path: Path, model: nn.Module, name: str, whole_checkpoint: bool) -> dict:
+    """The state dict in ``path``, checked to fit ``model`` (same keys and shapes); CorruptEntry if not."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a truncated or garbled file
+        raise CorruptEntry(f"{name} is unreadable ({type(err).__name__})") from None
+    state = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(state, dict) and whole_checkpoint and isinstance(payload, dict):
+        state = payload  # a bare state dict
+    if not isinstance(state, dict):
+        raise CorruptEntry(f"{name} holds no state dict")
+    want = model.state_dict()
+    if set(state) != set(want) or any(
+        isinstance(v, torch.Tensor) and (not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape)
+        for k, v in want.items()
+    ):
+        raise CorruptEntry(f"{name} does not fit {type(model).__name__}")
+    return state
 
 
 def load_or_train(root: Path, key: tuple[str, dict] | None, model: nn.Module, model_cfg: DictConfig,
                   data: DataBundle, run_dir: Path, train: Callable[[], PhaseResult]) -> tuple[dict, PhaseResult]:
-    """Load ``model`` from the store at ``root`` under ``key``, or ``train()`` it and store it there."""
+    """Load ``model`` from the store at ``root`` under ``key``, or ``train()`` it and store it there.
+
+    A corrupt entry is set aside (kept under ``<root>/<key>.corrupt-<time>``), reported on stderr, and the
+    model is trained and stored again; jobs waiting on the key's lock then load the new entry.
+    """
     if key is None:
         return {"source": "trained"}, train()
     key, material = key
     store = ModelStore(root)
     entry = store.entry(key)
+    info: dict = {}
     with store.locked(key):
-        meta = store.read_meta(key)
-        if entry.is_file() and meta:
-            checkpoints.load_weights(entry, model, f"{root.name} cache entry")
+        try:
+            found = store.load(key, model)
+        except CorruptEntry as err:
+            found = None
+            aside = store.set_aside(key)
+            print(f"kd-train: store entry {key} is corrupt ({err}); set aside to {aside}; retraining",
+                  file=sys.stderr, flush=True)
+            info["corrupt_entry"] = {"reason": str(err), "set_aside": str(aside)}
+        if found is not None:
+            meta, best = found
             res = PhaseResult(history=meta.get("history", []), best_val_acc=meta.get("best_val_acc"),
                               best_epoch=meta.get("best_epoch"), train_seconds=meta.get("train_seconds", 0.0))
-            if store.best_entry(key).is_file():
-                best = torch.load(store.best_entry(key), map_location="cpu", weights_only=True)
-                res.best_state = {"model": best["model"], "extra": {}}
+            if best is not None:
+                res.best_state = {"model": best, "extra": {}}
             return {"source": "cache", "key": key, "path": str(entry.resolve()),
                     "trained_in": meta.get("trained_in")}, res
         res = train()
-        # model.pt goes last: an entry counts only once it and meta.json are both there
-        if res.best_state is not None:
-            atomic_torch_save({"model": res.best_state["model"]}, store.best_entry(key))
-        store.write_meta(key, {"trained_in": str(run_dir.resolve()), "train_seconds": round(res.train_seconds, 3),
-                               "history": res.history, "best_val_acc": res.best_val_acc,
-                               "best_epoch": res.best_epoch, "key_material": material})
-        checkpoints.save(entry, model, model_cfg, data.input_shape(), data.num_classes)
-    return {"source": "trained", "key": key, "path": str(entry.resolve())}, res
+        best_bytes = _torch_bytes({"model": res.best_state["model"]}) if res.best_state is not None else None
+        model_bytes = _torch_bytes(checkpoints.payload(model, model_cfg, data.input_shape(), data.num_classes))
+        store.store(key, model_bytes, best_bytes,
+                    {"trained_in": str(run_dir.resolve()), "train_seconds": round(res.train_seconds, 3),
+                     "history": res.history, "best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
+                     "key_material": material})
+    return {"source": "trained", "key": key, "path": str(entry.resolve()), **info}, res

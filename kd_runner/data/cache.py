@@ -52,9 +52,12 @@ def cached_decode(key: dict, decode: Callable[[], Decoded], enabled: bool = True
     path = cache_dir() / "datasets" / f"{key.get('kind', 'data')}-{stable_hash(key)}.pt"
     if path.is_file():
         try:
-            raw = torch.load(path, weights_only=False)
-            return _unpack(raw), True
-        except Exception:  # corrupt cache entry: decode again and overwrite
+            # weights_only: tensors, dicts, lists, str and numbers only. The cache dir may be shared, and a
+            # full unpickle of a planted file would run its code; such a file fails here and is overwritten.
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(raw, dict) and stable_hash(raw.get("key")) == stable_hash(key):
+                return _unpack(raw), True
+        except Exception:  # corrupt, foreign or unsafe cache entry: decode again and overwrite
             pass
     data = decode()
     atomic_torch_save(_pack(data, key), path)

@@ -5,6 +5,23 @@ from __future__ import annotations
 import torch
 
 from kd_runner.data.tensors import Split
+from kd_runner.errors import UserError, number
+
+DIGITS_IMAGES = 1797  # always this many
+
+
+def count_test_images(test_fraction, n: int = DIGITS_IMAGES) -> int:
+    """How many of the ``n`` images go to the test split; a one-line error unless both splits get some."""
+    frac = number(test_fraction, "dataset.test_fraction")
+    if not 0.0 < frac < 1.0:
+        raise UserError(f"dataset.test_fraction={test_fraction!r} is invalid; it must be in (0, 1), e.g. 0.2")
+    n_test = int(round(n * frac))
+    if not 0 < n_test < n:
+        raise UserError(
+            f"dataset.test_fraction={test_fraction!r} leaves {'no test' if n_test == 0 else 'no training'} images "
+            f"of the {n}; both splits need at least one, e.g. 0.2"
+        )
+    return n_test
 
 
 def load(cfg) -> dict:
@@ -15,7 +32,7 @@ def load(cfg) -> dict:
     images = torch.from_numpy(bunch.images).float().mul(255.0 / 16.0).round().to(torch.uint8)
     images = images.unsqueeze(1)  # (N, 1, 8, 8)
     labels = torch.from_numpy(bunch.target).long()
-    n_test = int(round(len(labels) * float(cfg.get("test_fraction", 0.2))))
+    n_test = count_test_images(cfg.get("test_fraction", 0.2), len(labels))
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(int(cfg.get("split_seed", 0))))
     return {
         "train": Split(images[perm[n_test:]], labels[perm[n_test:]]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,73 @@ class Tree:
         return 1 if self.mode == "L" else 3
 
 
+GRAY_MODES = ("L", "1", "I", "I;16", "F")  # PIL modes decoded as one channel; any other mode is colour
+_WARNED: set[tuple] = set()  # mixed-mode warnings already printed (scan_tree runs twice when sizing a tree)
+
+
+def _check_classes(train_dir: Path, classes: list[str], train_items: list[tuple[Path, int]]) -> None:
+    """Every train class folder must hold images, and a classifier needs two classes at least."""
+    counts = [0] * len(classes)
+    for _, label in train_items:
+        counts[label] += 1
+    empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+    if empty:
+        more = f" (and {len(empty) - 1} more: {_few(empty[1:])})" if len(empty) > 1 else ""
+        raise UserError(
+            f"dataset=image_folder: class folder '{train_dir / empty[0]}' holds no images{more}; every train class "
+            f"needs images ({', '.join(sorted(IMAGE_SUFFIXES))}): add some or remove the folder"
+        )
+    if len(classes) < 2:
+        raise UserError(
+            f"dataset=image_folder: '{train_dir}' has {len(classes)} class folder ({classes[0]!r}); "
+            "a classifier needs at least 2 class folders"
+        )
+
+
+def _first_images(classes: list[str], train_items: list[tuple[Path, int]]) -> list[tuple[str, Path]]:
+    """``(class, its first train image)`` for every class (items are in class, then file-name order)."""
+    firsts: dict[int, Path] = {}
+    for path, label in train_items:
+        firsts.setdefault(label, path)
+    return [(classes[label], path) for label, path in sorted(firsts.items())]
+
+
+def _infer_mode(root: Path, samples: list[tuple[str, Path]]) -> tuple[str, tuple[int, int]]:
+    """``("RGB" if any sampled image is colour else "L", (H, W) of the first one)``; warn once on a mix."""
+    from PIL import Image
+
+    modes: list[tuple[str, str]] = []
+    size = None
+    for cls, path in samples:
+        try:
+            with Image.open(path) as im:
+                modes.append((cls, im.mode))
+                size = size or (im.size[1], im.size[0])
+        except OSError as err:
+            raise UserError(f"dataset: cannot decode image '{path}': {err}") from None
+    gray = [c for c, m in modes if m in GRAY_MODES]
+    colour = [c for c, m in modes if m not in GRAY_MODES]
+    if gray and colour:
+        marker = (str(root), tuple(modes))
+        if marker not in _WARNED:
+            _WARNED.add(marker)
+            print(f"kd-train: warning: dataset=image_folder: '{root}' mixes grayscale and colour images (first "
+                  f"image of {_few(gray)} is grayscale, of {_few(colour)} colour); decoding every image as RGB "
+                  "(set dataset.channels=1 or 3 to choose)", file=sys.stderr)
+    return ("RGB" if colour else "L"), size
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(repr(c) for c in names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+    return f"class {shown}" if len(names) == 1 else f"classes {shown}"
+
+
 def scan_tree(root: Path, channels: int | None, image_size: int | None) -> Tree:
-    """Check the tree and settle classes, files, PIL mode and size, without decoding (both data paths use it)."""
+    """Check the tree and settle classes, files, PIL mode and size, without decoding (both data paths use it).
+
+    Train class folders must each hold images (a test folder may lack a class). Channels are inferred from
+    the first image of every class: RGB if any of them is colour, grayscale if all are.
+    """
     train_dir, test_dir = root / "train", root / "test"
     if not train_dir.is_dir() or not test_dir.is_dir():
         raise UserError(
@@ -84,20 +150,16 @@ def scan_tree(root: Path, channels: int | None, image_size: int | None) -> Tree:
     train_items, test_items = _list(train_dir, classes), _list(test_dir, classes)
     if not train_items or not test_items:
         raise UserError(f"dataset=image_folder: no images under '{train_dir}' or '{test_dir}'")
-
-    from PIL import Image
-
-    try:
-        with Image.open(train_items[0][0]) as first:
-            inferred_channels = 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
-            inferred_size = (first.size[1], first.size[0])
-    except OSError as err:
-        raise UserError(f"dataset: cannot decode image '{train_items[0][0]}': {err}") from None
+    _check_classes(train_dir, classes, train_items)
     if channels not in (None, 1, 3):
         raise UserError(f"dataset.channels={channels} is invalid; valid: null (infer), 1, 3")
-    channels = channels or inferred_channels
+    if channels is None:
+        mode, inferred_size = _infer_mode(root, _first_images(classes, train_items))
+    else:  # only the size is needed: the first image
+        mode = "L" if channels == 1 else "RGB"
+        _, inferred_size = _infer_mode(root, _first_images(classes, train_items)[:1])
     size = (int(image_size), int(image_size)) if image_size else inferred_size
-    return Tree(root, classes, train_items, test_items, "L" if channels == 1 else "RGB", size)
+    return Tree(root, classes, train_items, test_items, mode, size)
 
 
 def load_tree(root: Path, channels: int | None, image_size: int | None, use_cache: bool = True) -> dict:

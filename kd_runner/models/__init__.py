@@ -44,6 +44,9 @@ def build_model(cfg: DictConfig, input_shape: tuple[int, int, int], num_classes:
     resize = cfg.get("resize")
     shape = (input_shape[0], int(resize), int(resize)) if resize else input_shape
     init, init_std = _init_options(cfg)
+    for key, value in kwargs.items():  # torch lets e.g. Dropout(p=nan) through
+        if isinstance(value, float):
+            number(value, f"model option {key}")
     try:
         model = ARCHS[arch](input_shape=shape, num_classes=num_classes, **kwargs)
     except TypeError as err:
