@@ -13,7 +13,7 @@ from torch import nn
 from kd_runner.errors import UserError, choices, number
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "cosine", "step", "plateau")
+SCHEDULERS = ("none", "cosine", "step", "multistep", "plateau")
 # what a plateau scheduler watches; each is a metrics.csv column, and its direction follows the name
 PLATEAU_MONITORS = {"val_acc": "max", "val_loss": "min"}
 
@@ -59,6 +59,13 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: i
     if name == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=number(cfg.step_size, "scheduler.step_size", int),
                                                gamma=number(cfg.gamma, "scheduler.gamma"))
+    if name == "multistep":
+        milestones = [number(m, "scheduler.milestones", int) for m in cfg.milestones]
+        if milestones != sorted(set(milestones)) or any(m < 1 for m in milestones):
+            raise UserError(f"scheduler.milestones={list(cfg.milestones)} is invalid; give increasing epochs >= 1, "
+                            "e.g. [150,180,210]")
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones,
+                                                    gamma=number(cfg.gamma, "scheduler.gamma"))
     if name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=PLATEAU_MONITORS[plateau_monitor(cfg)],
                                                           factor=number(cfg.factor, "scheduler.factor"),

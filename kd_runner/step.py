@@ -15,6 +15,10 @@ from kd_runner.compute import to_model_format
 from kd_runner.methods.base import Method, Outputs
 from kd_runner.taps import Taps
 
+# Adam/AdamW run with capturable=True (their step count lives on the GPU); SGD keeps no step count, and its
+# momentum buffers exist after the eager warm-up steps, so its fused step replays as it is. A float lr is
+# baked into a graph: a schedule's change of lr triggers a recapture (once per change, e.g. 3 in 240 epochs).
+CAPTURABLE_OPTIMIZERS = ("adam", "adamw", "sgd")
 WARMUP_STEPS = 3  # eager steps before capture: cuBLAS/cuDNN handles, optimizer state, autotuning
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -111,6 +115,6 @@ def graphs_reason(env, optimizer_name: str) -> str | None:
         return "not a CUDA device"
     if env.compute.compile:
         return "trainer.compile=true (compiled code manages its own graphs)"
-    if optimizer_name not in ("adam", "adamw"):
+    if optimizer_name not in CAPTURABLE_OPTIMIZERS:
         return f"optimizer={optimizer_name} has no capturable step here"
     return None

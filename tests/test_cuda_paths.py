@@ -22,7 +22,13 @@ from kd_runner.taps import Taps
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _train(graphs: bool, amp: torch.dtype | None, steps: int = 12) -> tuple[torch.Tensor, float, int]:
+OPTIMIZERS = {"adam": {"name": "adam", "lr": 1e-3},
+              # the CIFAR KD recipe's SGD; its lr drops mid-run (a multistep milestone), forcing a recapture
+              "sgd": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}}
+
+
+def _train(graphs: bool, amp: torch.dtype | None, steps: int = 12, optimizer: str = "adam"
+           ) -> tuple[torch.Tensor, float, int]:
     dev = torch.device("cuda")
     env = Env(dev, Normalizer([0.5] * 3, [0.25] * 3), 64, 256, False, compute=Compute("auto", amp, False, False, "on"))
     torch.manual_seed(0)
@@ -34,23 +40,27 @@ def _train(graphs: bool, amp: torch.dtype | None, steps: int = 12) -> tuple[torc
     images = torch.randint(0, 256, (steps, 64, 3, 32, 32), generator=g, dtype=torch.uint8).to(dev)
     labels = torch.randint(0, 10, (steps, 64), generator=g).to(dev)
     data = [(torch.arange(64, device=dev), images[i], labels[i]) for i in range(steps)]
-    opt = build_optimizer(OmegaConf.create({"name": "adam", "lr": 1e-3}), list(model.parameters()), fused=True,
+    opt = build_optimizer(OmegaConf.create(OPTIMIZERS[optimizer]), list(model.parameters()), fused=True,
                           capturable=True)
     with Taps(model, [], "student") as taps:
         step = TrainStep(model, torch.nn.ModuleDict(), CE(), env, taps, opt, None, graphs)
-        for idx, x, y in data:
+        for i, (idx, x, y) in enumerate(data):
+            if optimizer == "sgd" and i == steps - 4:
+                for group in opt.param_groups:
+                    group["lr"] *= 0.1
             step(idx, x, y, full=True)
     torch.cuda.synchronize()
     params = torch.cat([p.detach().float().flatten() for p in model.parameters()])
     return params, float(step.sums["total"]), step.replays
 
 
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_graph_steps_equal_eager_steps(amp):
+def test_cuda_graph_steps_equal_eager_steps(amp, optimizer):
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        graphed, eager = _train(True, amp), _train(False, amp)
+        graphed, eager = _train(True, amp, optimizer=optimizer), _train(False, amp, optimizer=optimizer)
     finally:
         torch.use_deterministic_algorithms(False)
     assert graphed[2] == 12 - WARMUP_STEPS and eager[2] == 0  # every step after warm-up was a replay, once

@@ -152,3 +152,16 @@ def test_dataset_subsets_are_seeded_and_bounded():
     assert take_subset(split, None, 0, "dataset.train_subset") is split
     with pytest.raises(UserError, match="dataset.train_subset=51 is invalid"):
         take_subset(split, 51, 0, "dataset.train_subset")
+
+
+def test_multistep_scheduler_drops_at_milestones_and_checks_them():
+    opt = build_optimizer(OmegaConf.create({"name": "sgd", "lr": 0.05, "momentum": 0.9}),
+                          [torch.nn.Parameter(torch.zeros(1))])
+    sched = build_scheduler(OmegaConf.create({"name": "multistep", "milestones": [2, 4], "gamma": 0.1}), opt, 5)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        scheduler_step(sched, {}, None)
+    assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005])
+    with pytest.raises(UserError, match=r"scheduler.milestones=\[180, 150\] is invalid"):
+        build_scheduler(OmegaConf.create({"name": "multistep", "milestones": [180, 150], "gamma": 0.1}), opt, 5)
