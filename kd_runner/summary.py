@@ -1,6 +1,12 @@
 """Summarise a sweep: one row per job, mean +- std over seeds per setting, plots vs the swept values.
 
 Used by ``kd-summarize DIR`` and, after every multirun, by :class:`SummaryCallback`.
+
+Every job of a multirun records how it ended in ``<sweep_dir>/.kd-jobs/<num>.json`` (written by the job,
+wherever it runs: this process, a joblib worker, a Slurm node). The records of the last multirun into a
+sweep dir say which job dirs belong to its grid: the summary written after a multirun covers those jobs
+alone (job dirs left from an earlier grid are named, not mixed in); ``kd-summarize DIR`` by hand lists
+every job dir and marks reports that do not belong to the last multirun as stale.
 """
 
 from __future__ import annotations
@@ -9,8 +15,11 @@ import argparse
 import csv
 import io
 import json
+import math
+import shutil
 import statistics
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -20,52 +29,239 @@ from kd_runner.utils import atomic_write_text, save_figure
 
 METRICS = ("teacher_acc", "baseline_acc", "student_acc", "kd_gain", "student_best_val", "wall_s")
 SEED_KEYS = ("seed",)
+# command-line keys that say how to run, not what a job computes: never a column of the summary
+RUN_KEYS = ("overwrite",)
+JOBS_DIR = ".kd-jobs"
+DONE = ("complete", "skipped")  # job record statuses that leave a complete report.json
+# the multirun under way in this process (set when it starts): kd-train reads its job records when it ends
+ACTIVE_SWEEP: dict[str, Path] = {}
 
 
-def _overrides(job_dir: Path, rep: dict) -> dict[str, str]:
-    """The job's overrides as its report recorded them (``.hydra/`` may describe a later, failed rerun)."""
-    import yaml
+# --------------------------------------------------------------------------- job records
 
-    path = job_dir / ".hydra" / "overrides.yaml"
-    items = rep.get("overrides")
-    if items is None:
-        items = yaml.safe_load(path.read_text()) if path.is_file() else []
+
+def reset_job_records(sweep_dir: Path) -> None:
+    """Start the job records of a new multirun into ``sweep_dir`` (older records describe an older grid)."""
+    records = Path(sweep_dir) / JOBS_DIR
+    shutil.rmtree(records, ignore_errors=True)
+    records.mkdir(parents=True, exist_ok=True)
+
+
+def write_job_record(sweep_dir: Path, num: int, job_dir: str, overrides: list[str], status: str,
+                     reason: str | None = None, kind: str | None = None, config_hash: str | None = None) -> None:
+    """Record how sweep job ``num`` (in ``sweep_dir/job_dir``) stands: running, complete, skipped or failed."""
+    import os
+    import socket
+
+    record = {"num": num, "dir": job_dir, "overrides": list(overrides), "status": status, "reason": reason,
+              "kind": kind, "config_hash": config_hash, "host": socket.gethostname(), "pid": os.getpid(),
+              "updated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_text(Path(sweep_dir) / JOBS_DIR / f"{num}.json", json.dumps(record, indent=1) + "\n")
+
+
+def read_job_records(sweep_dir: Path) -> dict[str, dict] | None:
+    """``{job dir relative to sweep_dir: record}`` of the last multirun into ``sweep_dir``; None if none ran."""
+    folder = Path(sweep_dir) / JOBS_DIR
+    if not folder.is_dir():
+        return None
     out = {}
-    for item in items or []:
+    for path in folder.glob("*.json"):
+        try:
+            rec = json.loads(path.read_text())
+            out[str(rec["dir"])] = rec
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def failed_jobs(records: dict[str, dict]) -> list[dict]:
+    """The records of jobs that did not end with a complete report, in job order."""
+    bad = [r for r in records.values() if r.get("status") not in DONE]
+    return sorted(bad, key=lambda r: _job_sort_key(str(r.get("dir"))))
+
+
+# --------------------------------------------------------------------------- reading job dirs
+
+
+class BadReport(Exception):
+    """A report.json that cannot be summarised; the message says why."""
+
+
+def warn(message: str, prog: str = "kd-summarize") -> None:
+    print(f"{prog}: warning: {message}", file=sys.stderr)
+
+
+def read_report(path: Path) -> dict:
+    """A complete report.json's contents, or :class:`BadReport` saying what is wrong with the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise BadReport(f"cannot be read ({err.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadReport(f"is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})") from None
+    if not text.strip():
+        raise BadReport("is empty")
+    try:
+        rep = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadReport(f"is not valid JSON, truncated or corrupt ({err.msg} at line {err.lineno} "
+                        f"column {err.colno})") from None
+    if not isinstance(rep, dict):
+        raise BadReport(f"holds a JSON {_json_type(rep)}, not a kd-train report object")
+    if rep.get("status") != "complete":
+        raise BadReport(f"has status {rep.get('status')!r}, not 'complete'")
+    _get(rep, "models.student.test_acc", required=True)
+    return rep
+
+
+def _json_type(value) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
+
+
+def _get(rep: dict, path: str, required: bool = False, number: bool = True):
+    """``rep[a][b][c]`` for ``path="a.b.c"``: None when absent, :class:`BadReport` when required or not numeric."""
+    node = rep
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if required:
+                raise BadReport(f"lacks the key '{path}'")
+            return None
+        node = node[part]
+    if number and node is not None and (isinstance(node, bool) or not isinstance(node, (int, float))
+                                        or not math.isfinite(node)):
+        raise BadReport(f"has a non-numeric '{path}' ({node!r})")
+    return node
+
+
+def _clean_overrides(items) -> dict[str, str] | None:
+    if not isinstance(items, list):
+        return None
+    out = {}
+    for item in items:
         key, _, value = str(item).partition("=")
         key = key.lstrip("+~")
-        if not key.startswith("hydra"):
+        if not key.startswith("hydra") and key not in RUN_KEYS:
             out[key] = value
     return out
 
 
-def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job directory holding a complete report.json."""
-    rows = []
-    for rep_path in sorted(sweep_dir.rglob("report.json"), key=lambda p: _job_sort_key(p.parent.name)):
-        try:
-            rep = json.loads(rep_path.read_text())
-        except json.JSONDecodeError:
-            continue
-        if rep.get("status") != "complete":
-            continue
-        m = rep["models"]
-        rows.append({
-            "job": str(rep_path.parent.relative_to(sweep_dir)),
-            "overrides": _overrides(rep_path.parent, rep),
-            "teacher_acc": m.get("teacher", {}).get("test_acc"),
-            "baseline_acc": m.get("baseline", {}).get("test_acc"),
-            "student_acc": m["student"]["test_acc"],
-            "kd_gain": rep.get("kd_gain_points"),
-            "student_best_val": m["student"].get("best_val_acc"),
-            "wall_s": rep["phase_seconds"].get("total"),
-            "teacher_source": rep.get("teacher", {}).get("source"),
-        })
-    return rows
+def _hydra_overrides(job_dir: Path) -> dict[str, str] | None:
+    """The overrides Hydra saved when the job dir was last run (``.hydra/overrides.yaml``)."""
+    import yaml
+
+    path = job_dir / ".hydra" / "overrides.yaml"
+    try:
+        return _clean_overrides(yaml.safe_load(path.read_text())) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+
+
+def _overrides(job_dir: Path, rep: dict) -> dict[str, str]:
+    """The job's overrides as its report recorded them (``.hydra/`` may describe a later, failed rerun)."""
+    found = _clean_overrides(rep.get("overrides"))
+    return found if found is not None else (_hydra_overrides(job_dir) or {})
+
+
+def _row(job: str, job_dir: Path, rep: dict) -> dict:
+    return {
+        "job": job,
+        "status": "complete",
+        "reason": None,
+        "overrides": _overrides(job_dir, rep),
+        "teacher_acc": _get(rep, "models.teacher.test_acc"),
+        "baseline_acc": _get(rep, "models.baseline.test_acc"),
+        "student_acc": _get(rep, "models.student.test_acc"),
+        "kd_gain": _get(rep, "kd_gain_points"),
+        "student_best_val": _get(rep, "models.student.best_val_acc"),
+        "wall_s": _get(rep, "phase_seconds.total"),
+        "teacher_source": _get(rep, "teacher.source", number=False),
+    }
+
+
+def _failed_row(job: str, overrides: dict[str, str], reason: str) -> dict:
+    return {"job": job, "status": "failed", "reason": reason, "overrides": overrides,
+            **dict.fromkeys(METRICS), "teacher_source": None}
+
+
+def _first_line(path: Path) -> str | None:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    return lines[0] if lines else None
+
+
+def _job_dirs(sweep_dir: Path, records: dict[str, dict] | None) -> list[str]:
+    """Job dirs under ``sweep_dir`` (relative): those with a report or an error, and those the records name."""
+    found = set(records or {})
+    for name in ("report.json", "error.txt"):
+        for path in sweep_dir.rglob(name):
+            rel = path.parent.relative_to(sweep_dir)
+            if not any(part.startswith(".") for part in rel.parts):
+                found.add(str(rel))
+    return sorted(found, key=_job_sort_key)
+
+
+def collect(sweep_dir: Path, current_only: bool = False, prog: str = "kd-summarize") -> dict:
+    """Classify every job dir under ``sweep_dir``.
+
+    Returns ``{"rows": complete jobs, "stale": reports not of the last multirun's grid, "failed": jobs of
+    that grid without a complete report, "left_out": older job dirs not summarised}``. With
+    ``current_only`` (the summary after a multirun) older job dirs are left out instead of listed as stale.
+    A report.json that cannot be read is named in a warning on stderr and left out.
+    """
+    sweep_dir = Path(sweep_dir)
+    records = read_job_records(sweep_dir)
+    out: dict[str, list] = {"rows": [], "stale": [], "failed": [], "left_out": []}
+    for job in _job_dirs(sweep_dir, records):
+        job_dir = sweep_dir / job
+        rep_path = job_dir / "report.json"
+        rep, row, problem = None, {}, None
+        if rep_path.is_file():
+            try:
+                rep = read_report(rep_path)
+                row = _row(job, job_dir, rep)
+            except BadReport as err:
+                rep, problem = None, str(err)
+                warn(f"{rep_path} {problem}; left out of the summary", prog)
+        rec = records.get(job) if records is not None else None
+        if rec is not None:  # a job of the last multirun: its record says how it ended
+            overrides = _clean_overrides(rec.get("overrides")) or {}
+            status = rec.get("status")
+            if status in DONE and rep is not None and rec.get("config_hash") in (None, rep.get("config_hash")):
+                out["rows"].append(row)
+            elif status in DONE:
+                why = problem or ("is missing" if rep is None else "is of another config")
+                out["failed"].append(_failed_row(job, overrides, f"ended {status} but its report.json {why}"))
+            elif status == "running":
+                out["failed"].append(_failed_row(job, overrides, "did not finish: no result was recorded "
+                                                                 "(the process was killed or is still running)"))
+            else:
+                out["failed"].append(_failed_row(job, overrides, str(rec.get("reason") or "failed")))
+        elif records is not None:  # a job dir left from an earlier multirun with another grid
+            if current_only or rep is None:
+                overrides = row["overrides"] if rep is not None else (_hydra_overrides(job_dir) or {})
+                out["left_out"].append({"job": job, "overrides": overrides, "complete": rep is not None})
+            else:
+                out["stale"].append({**row, "status": "stale",
+                                     "reason": "not a job of the last multirun into this dir"})
+        elif rep is not None:  # no multirun record (older sweeps): .hydra/ says what last ran in the dir
+            last = _hydra_overrides(job_dir)
+            if last is not None and last != row["overrides"]:
+                latest = " ".join(f"{k}={v}" for k, v in last.items()) or "no overrides"
+                out["stale"].append({**row, "status": "stale",
+                                     "reason": f"the dir was run again later with other overrides ({latest})"})
+            else:
+                out["rows"].append(row)
+        elif (reason := _first_line(job_dir / "error.txt")) is not None:
+            out["failed"].append(_failed_row(job, _hydra_overrides(job_dir) or {}, reason))
+    return out
 
 
 def _job_sort_key(name: str):
-    return (0, int(name)) if name.isdigit() else (1, name)
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
 def _num(value: str):
@@ -75,11 +271,15 @@ def _num(value: str):
         return value
 
 
-def varying_keys(rows: list[dict]) -> list[str]:
+def _keys(rows: list[dict]) -> list[str]:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r["overrides"] if k not in keys]
-    return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
+    return keys
+
+
+def varying_keys(rows: list[dict]) -> list[str]:
+    return [k for k in _keys(rows) if len({r["overrides"].get(k) for r in rows}) > 1]
 
 
 def group(rows: list[dict]) -> list[dict]:
@@ -103,29 +303,46 @@ def _fmt(v, spec=".2f") -> str:
     return "" if v is None else format(v, spec)
 
 
-def write_summary(sweep_dir: Path) -> dict:
-    """Write summary.csv, summary.md and plots into ``sweep_dir``; return what was written."""
+def write_summary(sweep_dir: Path, current_only: bool = False, prog: str = "kd-summarize") -> dict:
+    """Write summary.csv, summary_groups.csv, summary.md and plots into ``sweep_dir``; return what was written.
+
+    summary.csv has one row per job with a report (status complete, or stale when summarising by hand);
+    jobs that failed are listed in summary.md and summary_failed.csv with their reason. Means, std and
+    plots cover complete jobs only.
+    """
     sweep_dir = Path(sweep_dir)
-    if not sweep_dir.is_dir():
+    if not sweep_dir.exists():
         raise UserError(f"sweep dir '{sweep_dir}' does not exist")
-    rows = collect(sweep_dir)
-    if not rows:
+    if not sweep_dir.is_dir():
+        raise UserError(f"'{sweep_dir}' is a file, not a sweep directory (give the folder holding the job dirs)")
+    found = collect(sweep_dir, current_only, prog)
+    rows, stale, failed = found["rows"], found["stale"], found["failed"]
+    if not (rows or stale or failed):
         raise UserError(f"no complete report.json under '{sweep_dir}'; nothing to summarise")
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r["overrides"] if k not in keys]
-    grouped = group(rows)
-    gkeys = list(grouped[0]["setting"])
-    _write_csv(sweep_dir / "summary.csv", ["job", *keys, *METRICS, "teacher_source"],
-               [[r["job"], *(r["overrides"].get(k, "") for k in keys), *(_fmt(r[m], ".4f") for m in METRICS),
-                 r["teacher_source"]] for r in rows])
+    listed = sorted(rows + stale, key=lambda r: _job_sort_key(r["job"]))
+    keys = _keys(listed)
+    grouped = group(rows) if rows else []
+    gkeys = list(grouped[0]["setting"]) if grouped else []
+    _write_csv(sweep_dir / "summary.csv", ["job", "status", *keys, *METRICS, "teacher_source", "reason"],
+               [[r["job"], r["status"], *(r["overrides"].get(k, "") for k in keys),
+                 *(_fmt(r[m], ".4f") for m in METRICS), r["teacher_source"], r["reason"] or ""] for r in listed])
     _write_csv(sweep_dir / "summary_groups.csv",
                [*gkeys, "n", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std"))],
                [[*(g["setting"][k] or "" for k in gkeys), g["n"],
                  *(_fmt(g[f"{m}_{s}"], ".4f") for m in METRICS for s in ("mean", "std"))] for g in grouped])
-    plots = _plots(sweep_dir, grouped, gkeys)
-    atomic_write_text(sweep_dir / "summary.md", _markdown(rows, grouped, varying_keys(rows), gkeys, plots))
-    return {"rows": rows, "groups": grouped, "plots": plots}
+    fkeys = _keys(failed)
+    if failed:
+        _write_csv(sweep_dir / "summary_failed.csv", ["job", "status", *fkeys, "reason"],
+                   [[r["job"], r["status"], *(r["overrides"].get(k, "") for k in fkeys), r["reason"]]
+                    for r in failed])
+    else:
+        (sweep_dir / "summary_failed.csv").unlink(missing_ok=True)
+    plots = _plots(sweep_dir, grouped, gkeys) if grouped else []
+    for old in sweep_dir.glob("summary*.png"):  # plots of an earlier summary that this one did not redraw
+        if old.name not in plots:
+            old.unlink(missing_ok=True)
+    atomic_write_text(sweep_dir / "summary.md", _markdown(found, grouped, gkeys, plots))
+    return {**found, "groups": grouped, "plots": plots}
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -136,23 +353,66 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _markdown(rows, grouped, keys, gkeys, plots) -> str:
-    fixed = {k: v for k, v in rows[0]["overrides"].items() if k not in keys}
-    lines = ["# Sweep summary", "", f"{len(rows)} complete jobs. Shared overrides: "
-             + (", ".join(f"`{k}={v}`" for k, v in fixed.items()) or "none") + ".", "", "## Per job", ""]
-    head = ["job", *keys, "teacher %", "baseline %", "student %", "KD gain", "wall s", "teacher from"]
+def _describe(overrides: dict[str, str], keys: list[str] | None = None) -> str:
+    """``k=v ...`` for ``keys`` (the swept ones), or for every override when none of them is set."""
+    picked = {k: overrides[k] for k in keys or [] if k in overrides} or overrides
+    return " ".join(f"{k}={v}" for k, v in picked.items()) or "no overrides"
+
+
+def _differing(overrides: dict[str, str], shared: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in overrides.items() if shared.get(k) != v} or overrides
+
+
+def counts(found: dict) -> str:
+    """``8 jobs`` or ``8 jobs; 1 failed, 2 stale, 3 older job dirs left out``."""
+    extra = [f"{len(found[k])} {k}" for k in ("failed", "stale") if found.get(k)]
+    if found.get("left_out"):
+        extra.append(f"{len(found['left_out'])} older job dirs left out")
+    return f"{len(found['rows'])} jobs" + (f"; {', '.join(extra)}" if extra else "")
+
+
+def _markdown(found: dict, grouped, gkeys, plots) -> str:
+    rows, stale, failed, left_out = found["rows"], found["stale"], found["failed"], found["left_out"]
+    listed = sorted(rows + stale + failed, key=lambda r: _job_sort_key(r["job"]))
+    shown = varying_keys(listed) if len(listed) > 1 else []
+    fixed = {k: v for k, v in listed[0]["overrides"].items() if k not in shown}
+    lines = ["# Sweep summary", "",
+             f"{len(rows)} complete jobs" + (f", {len(failed)} failed" if failed else "")
+             + (f", {len(stale)} stale" if stale else "") + ". Shared overrides: "
+             + (", ".join(f"`{k}={v}`" for k, v in fixed.items()) or "none") + "."]
+    if failed:
+        lines += ["", f"**{len(failed)} job(s) failed** (no numbers; each job dir's error.txt holds the reason):"]
+        lines += [f"- job {r['job']} ({_describe(r['overrides'], shown)}): {r['reason']}" for r in failed]
+    if stale:
+        lines += ["", f"**{len(stale)} stale report(s)**, listed but left out of the means and plots:"]
+        lines += [f"- job {r['job']} ({_describe(r['overrides'], shown)}): {r['reason']}" for r in stale]
+    if left_out:
+        lines += ["", f"Left out: {len(left_out)} job dir(s) from an earlier multirun into this dir with another "
+                      "grid: " + "; ".join(f"{j['job']} ({_describe(_differing(j['overrides'], fixed))})"
+                                  for j in left_out)
+                  + ". `kd-summarize DIR` lists them as stale."]
+    lines += ["", "## Per job", ""]
+    head = ["job", "status", *shown, "teacher %", "baseline %", "student %", "KD gain", "wall s", "teacher from",
+            "note"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join([r["job"], *(r["overrides"].get(k, "") for k in keys), _fmt(r["teacher_acc"]),
-                                        _fmt(r["baseline_acc"]), _fmt(r["student_acc"]), _fmt(r["kd_gain"], "+.2f"),
-                                        _fmt(r["wall_s"], ".1f"), str(r["teacher_source"])]) + " |")
+    for r in listed:
+        lines.append("| " + " | ".join([r["job"], r["status"], *(r["overrides"].get(k, "") for k in shown),
+                                        _fmt(r["teacher_acc"]), _fmt(r["baseline_acc"]), _fmt(r["student_acc"]),
+                                        _fmt(r["kd_gain"], "+.2f"), _fmt(r["wall_s"], ".1f"),
+                                        str(r["teacher_source"] or ""),
+                                        (r["reason"] or "").replace("|", "/")]) + " |")
     lines += ["", "## Mean +- std over seeds", ""]
-    head = [*gkeys, "n", "teacher %", "baseline %", "student %", "KD gain"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for g in grouped:
-        cells = [f"{_fmt(g[f'{m}_mean'])} +- {_fmt(g[f'{m}_std'])}" if g[f"{m}_mean"] is not None else "-"
-                 for m in ("teacher_acc", "baseline_acc", "student_acc", "kd_gain")]
-        lines.append("| " + " | ".join([*(str(g["setting"][k]) for k in gkeys), str(g["n"]), *cells]) + " |")
+    if not grouped:
+        lines.append("No complete jobs.")
+    else:
+        if failed or stale:
+            lines += [f"Over the {len(rows)} complete jobs only.", ""]
+        head = [*gkeys, "n", "teacher %", "baseline %", "student %", "KD gain"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for g in grouped:
+            cells = [f"{_fmt(g[f'{m}_mean'])} +- {_fmt(g[f'{m}_std'])}" if g[f"{m}_mean"] is not None else "-"
+                     for m in ("teacher_acc", "baseline_acc", "student_acc", "kd_gain")]
+            lines.append("| " + " | ".join([*(str(g["setting"][k]) for k in gkeys), str(g["n"]), *cells]) + " |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -224,14 +484,26 @@ def _save(fig, sweep_dir: Path, name: str) -> str:
 
 
 class SummaryCallback(Callback):
-    """Hydra callback: summarise the sweep directory when a multirun ends."""
+    """Hydra callback: start the job records when a multirun starts; summarise its jobs when it ends."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        ACTIVE_SWEEP["dir"] = sweep_dir
+        try:
+            reset_job_records(sweep_dir)
+        except OSError:  # an unwritable sweep dir: the launcher reports it
+            pass
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            out = write_summary(Path(config.hydra.sweep.dir))
-            print(f"summary: {Path(config.hydra.sweep.dir) / 'summary.md'} ({len(out['rows'])} jobs)")
+            out = write_summary(sweep_dir, current_only=True, prog="kd-train")
+            print(f"summary: {sweep_dir / 'summary.md'} ({counts(out)})")
         except UserError as err:
             print(f"kd-summarize: {err}", file=sys.stderr)
+        except OSError as err:
+            print(f"kd-summarize: cannot write the summary into '{sweep_dir}': {err.strerror or err}",
+                  file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -243,7 +515,13 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"kd-summarize: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"{args.sweep_dir / 'summary.md'}: {len(out['rows'])} jobs, {len(out['groups'])} settings")
+    except OSError as err:
+        print(f"kd-summarize: error: cannot write the summary into '{args.sweep_dir}': {err.strerror or err}",
+              file=sys.stderr)
+        sys.exit(2)
+    extra = counts(out).partition("; ")[2]
+    print(f"{args.sweep_dir / 'summary.md'}: {len(out['rows'])} jobs, {len(out['groups'])} settings"
+          + (f"; {extra}" if extra else ""))
 
 
 if __name__ == "__main__":
