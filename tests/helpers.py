@@ -221,3 +221,93 @@ def loss_columns(rows: list[dict]) -> dict[tuple[str, str], list[str]]:
             if k.startswith("train_") or k in ("val_acc", "lr"):
                 out.setdefault((row["phase"], k), []).append(v)
     return out
+
+
+# --------------------------------------------------------------------------- CIFAR-100 (pickles, image folders)
+
+# the fine_label_names of cifar-100-python/meta, in label order
+CIFAR100_CLASSES = [
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+]
+
+
+def cifar100_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` uint8 (N, 3, 32, 32) images and fine labels ``i % 100``: class k lights grid cell ``k % 16``
+    and tints channel ``(k // 16) % 3`` at one of three levels, so every class looks different."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 100
+    images = rng.integers(0, 40, size=(n, 3, 32, 32), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        r, c = divmod(int(k) % 16, 4)
+        images[i, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] = 255
+        group = int(k) // 16
+        images[i, group % 3] = np.maximum(images[i, group % 3], 90 + 50 * (group // 3))
+    return images, labels.astype(np.int64)
+
+
+def _py2_pickle(obj) -> bytes:
+    """Protocol-2 pickle of ``obj`` as Python 2 wrote cifar-100-python: ``str`` as byte strings (SHORT_BINSTRING /
+    BINSTRING, so ``encoding='bytes'`` gives ``b'data'`` keys and ``'latin1'`` gives ``'data'``), ints, lists,
+    dicts, and numpy arrays (numpy's own reduce)."""
+    def emit(o) -> bytes:
+        if isinstance(o, bool) or o is None:
+            raise TypeError(f"not in the CIFAR format: {o!r}")
+        if isinstance(o, str):
+            b = o.encode("latin1")
+            return (b"U" + struct.pack("<B", len(b)) if len(b) < 256 else b"T" + struct.pack("<i", len(b))) + b
+        if isinstance(o, int | np.integer):
+            return b"J" + struct.pack("<i", int(o))
+        if isinstance(o, list):
+            return b"](" + b"".join(emit(v) for v in o) + b"e"
+        if isinstance(o, dict):
+            return b"}(" + b"".join(emit(k) + emit(v) for k, v in o.items()) + b"u"
+        if isinstance(o, np.ndarray):  # one array per file: its memo indices cannot clash
+            return pickle.dumps(o, protocol=2)[2:-1]
+        raise TypeError(f"not in the CIFAR format: {type(o).__name__}")
+    return b"\x80\x02" + emit(obj) + b"."
+
+
+def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100) -> dict:
+    """``<root>/cifar-100-python/{train,test,meta}`` in torchvision's (Python 2 pickle) format.
+
+    ``train``/``test``: ``data`` (N, 3072) uint8, ``fine_labels``, ``coarse_labels``, ``filenames``, ``batch_label``;
+    ``meta``: ``fine_label_names``, ``coarse_label_names``. The md5s are not torchvision's.
+    """
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for j, (name, n) in enumerate((("train", n_train), ("test", n_test))):
+        images, labels = cifar100_images(n, seed=30 + j)
+        entry = {"filenames": [f"{name}_{i}.png" for i in range(n)], "batch_label": f"{name} batch 1 of 1",
+                 "fine_labels": [int(v) for v in labels], "coarse_labels": [int(v) // 5 for v in labels],
+                 "data": images.reshape(n, 3072)}
+        (folder / name).write_bytes(_py2_pickle(entry))
+        out[name] = (images, labels)
+    meta = {"fine_label_names": CIFAR100_CLASSES, "coarse_label_names": [f"superclass_{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(_py2_pickle(meta))
+    return out
+
+
+def write_cifar100_tree(root: Path, per_class: dict[str, int] | None = None, suffix: str = ".png") -> dict:
+    """``root/{train,test}/<fine label>/<i><suffix>`` for all 100 CIFAR-100 classes; returns the arrays per split."""
+    from PIL import Image
+
+    out = {}
+    for j, (split, n) in enumerate((per_class or {"train": 1, "test": 1}).items()):
+        images, labels = cifar100_images(n * 100, seed=40 + j)
+        for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+            d = root / split / CIFAR100_CLASSES[int(lab)]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0))).save(d / f"{i:03d}{suffix}")
+        out[split] = (images, labels)
+    return out

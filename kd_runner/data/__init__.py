@@ -12,7 +12,8 @@ from kd_runner.data.streaming import estimate_decoded_bytes, load_stream, stream
 from kd_runner.data.tensors import DataBundle, Split, carve_val, channel_stats
 from kd_runner.errors import UserError, choices, number
 
-LOADERS = {"digits": digits.load, "mnist": mnist.load, "cifar10": cifar.load, "image_folder": image_folder.load}
+LOADERS = {"digits": digits.load, "mnist": mnist.load, "cifar10": cifar.load, "cifar100": cifar.load100,
+           "image_folder": image_folder.load}
 
 
 DATA_PATHS = ("auto", "tensor", "loader")

@@ -26,10 +26,11 @@ from kd_runner.data.cache import source_fingerprint
 from kd_runner.data.tensors import Split, draw_order
 from kd_runner.errors import UserError, choices
 
-STREAMABLE = ("cifar10", "image_folder", "mnist")
+STREAMABLE = ("cifar10", "cifar100", "image_folder", "mnist")
 DIGITS_BYTES = 1797 * 1 * 8 * 8  # scikit-learn's bundled digits: always this size
 MNIST_BYTES = 70000 * 1 * 28 * 28
 CIFAR10_BYTES = 60000 * 3 * 32 * 32
+CIFAR100_BYTES = 60000 * 3 * 32 * 32  # 50,000 train + 10,000 test, as CIFAR-10
 STATS_BATCH = 256
 
 
@@ -372,15 +373,23 @@ def _load_image_folder(cfg, num_workers: int) -> dict:
     return stream_tree(root, cfg.get("channels"), cfg.get("image_size"), num_workers)
 
 
-def _load_cifar10(cfg, num_workers: int) -> dict:
-    folder = cifar.folder_root(cfg)
+def _load_cifar(cfg, num_workers: int, spec: cifar.Spec) -> dict:
+    folder = cifar.folder_root(cfg, spec)
     if folder is not None:
         out = stream_tree(folder, 3, 32, num_workers)
-        cifar.check_classes(out["classes"])
+        cifar.check_classes(out["classes"], spec)
         return out
-    out = cifar.load(cfg)  # the pickles: no folder here, so this reads (and checks) the batches
+    out = cifar.load_spec(cfg, spec)  # the pickles: no folder here, so this reads (and checks) the batches
     return {**out, "train": _wrap(out["train"], num_workers), "test": _wrap(out["test"], num_workers),
             "source": f"{out['source']} (in memory, served by {num_workers} loader workers)"}
+
+
+def _load_cifar10(cfg, num_workers: int) -> dict:
+    return _load_cifar(cfg, num_workers, cifar.CIFAR10_SPEC)
+
+
+def _load_cifar100(cfg, num_workers: int) -> dict:
+    return _load_cifar(cfg, num_workers, cifar.CIFAR100_SPEC)
 
 
 def _load_mnist(cfg, num_workers: int) -> dict:
@@ -389,7 +398,8 @@ def _load_mnist(cfg, num_workers: int) -> dict:
             "source": f"{out['source']} (in memory, served by {num_workers} loader workers)"}
 
 
-STREAM_LOADERS = {"cifar10": _load_cifar10, "image_folder": _load_image_folder, "mnist": _load_mnist}
+STREAM_LOADERS = {"cifar10": _load_cifar10, "cifar100": _load_cifar100, "image_folder": _load_image_folder,
+                  "mnist": _load_mnist}
 
 
 def load_stream(cfg, num_workers: int) -> dict:
@@ -442,9 +452,11 @@ def estimate_decoded_bytes(cfg) -> int | None:
         return DIGITS_BYTES
     if name == "mnist":
         return _idx_bytes(Path(str(cfg.root)).expanduser() / "MNIST" / "raw") or MNIST_BYTES
-    if name == "cifar10":
-        folder = cifar.folder_root(cfg)
-        return _tree_bytes(folder, 3, 32) if folder is not None else CIFAR10_BYTES
+    if name in ("cifar10", "cifar100"):
+        spec = cifar.CIFAR10_SPEC if name == "cifar10" else cifar.CIFAR100_SPEC
+        folder = cifar.folder_root(cfg, spec)
+        return _tree_bytes(folder, 3, 32) if folder is not None else (
+            CIFAR10_BYTES if name == "cifar10" else CIFAR100_BYTES)
     if name == "image_folder":
         root = cfg.get("root")
         if root in (None, "", "???") or not Path(str(root)).expanduser().is_dir():
