@@ -129,6 +129,15 @@ def validate(cfg: DictConfig) -> Trainer:
     try:  # torch's own range checks (momentum with nesterov, negative decay, factor >= 1, ...)
         optimizer = build_optimizer(cfg.optimizer, [probe])
         build_scheduler(cfg.scheduler, optimizer, max(1, trainer.student_epochs))
+        overrides = cfg.get("student_optimizer") or {}
+        if not OmegaConf.is_dict(overrides) and not isinstance(overrides, dict):
+            raise UserError(f"student_optimizer={overrides!r} is invalid; give overrides of optimizer, "
+                            "e.g. {lr: 0.01}")
+        unknown = sorted(set(overrides) - set(cfg.optimizer))
+        if unknown:
+            raise UserError(f"student_optimizer.{unknown[0]} is not a key of optimizer={cfg.optimizer.name}; "
+                            f"valid: {choices(cfg.optimizer.keys())}")
+        build_optimizer(OmegaConf.merge(cfg.optimizer, overrides), [probe])
     except (ValueError, ZeroDivisionError) as err:
         raise UserError(f"optimizer={cfg.optimizer.name} / scheduler={cfg.scheduler.name}: {err}") from None
     if cfg.scheduler.name == "step" and number(cfg.scheduler.step_size, "scheduler.step_size", int) < 1:

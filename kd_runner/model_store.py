@@ -268,3 +268,69 @@ def load_or_train(root: Path, key: tuple[str, dict] | None, model: nn.Module, mo
                      "history": res.history, "best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
                      "key_material": material})
     return {"source": "trained", "key": key, "path": str(entry.resolve()), **info}, res
+
+
+# --------------------------------------------------------------------------- read helpers (kd-store)
+
+
+def file_digest(path: Path) -> dict:
+    """``{"size", "sha256"}`` of the file at ``path``, read in chunks (the record ``meta.json`` keeps)."""
+    return _file_digest(Path(path))
+
+
+def entry_keys(root: Path) -> list[str]:
+    """Keys of the entries under a store ``root``, sorted; none when ``root`` does not exist.
+
+    An entry is a directory named by its key: lock files, entries set aside (``<key>.corrupt-<time>``) and
+    hidden directories (a kd-store import in progress) are not entries.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and "." not in p.name)
+
+
+def set_aside_entries(root: Path) -> list[Path]:
+    """Entries moved aside as corrupt (``<key>.corrupt-<time>``) under ``root``, sorted; kept, never deleted."""
+    root = Path(root)
+    return sorted(p for p in root.glob("*.corrupt-*") if p.is_dir()) if root.is_dir() else []
+
+
+def check_entry(folder: Path) -> tuple[str, str]:
+    """``(status, reason)`` of the entry in ``folder``, from its bytes alone: nothing is unpickled.
+
+    ``"ok"``: ``meta.json`` is readable and every file it records has the recorded size and sha256.
+    ``"corrupt"``: something :meth:`ModelStore.load` would refuse on the same grounds (``reason`` says what).
+    ``"unverified"``: written before sizes and hashes were recorded; only loading it could tell.
+    ``"absent"``: nothing stored (at most a ``best.pt`` left by an interrupted write).
+    """
+    folder = Path(folder)
+    model_pt, meta_path = folder / MODEL_FILE, folder / META_FILE
+    if not model_pt.exists() and not meta_path.exists():
+        return "absent", "nothing stored"
+    if not meta_path.is_file():
+        return "corrupt", f"{META_FILE} is missing"
+    meta = ModelStore(folder.parent).read_meta(folder.name)
+    if not meta:
+        return "corrupt", f"{META_FILE} is unreadable"
+    if not model_pt.is_file():
+        return "corrupt", f"{MODEL_FILE} is missing"
+    files = meta.get("files")
+    if files is None:
+        return "unverified", "written before sizes and hashes were recorded"
+    if not isinstance(files, dict) or not isinstance(files.get(MODEL_FILE), dict):
+        return "corrupt", f"{META_FILE} has no valid file record"
+    for name, want in files.items():
+        path = folder / str(name)
+        if not isinstance(want, dict) or not path.is_file():
+            return "corrupt", f"{name} is missing"
+        try:
+            got = _file_digest(path)
+        except OSError as err:
+            return "corrupt", f"{name} cannot be read ({err.strerror or err})"
+        if got["size"] != want.get("size"):
+            return "corrupt", f"{name} is {got['size']} bytes, {want.get('size')} were written"
+        if got["sha256"] != want.get("sha256"):
+            return "corrupt", (f"{name} has sha256 {got['sha256'][:12]}..., "
+                               f"{str(want.get('sha256'))[:12]}... was written")
+    return "ok", ""

@@ -100,10 +100,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         def train_baseline() -> PhaseResult:
             seed_everything(derive_seed(seed, SEED_TRAIN))
             return fit("baseline", baseline, CE(), data.train, data.val, env, epochs=trainer.student_epochs,
-                       optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
+                       optimizer_cfg=student_optimizer(cfg), scheduler_cfg=cfg.scheduler, seed=seed,
                        state_path=state_dir / "baseline.pt", state_tag=state_tag, augment=augments["baseline"])
 
-        key = (baseline_key(cfg, data.fingerprint, init_hash, augments["baseline"])
+        key = (baseline_key(student_view(cfg), data.fingerprint, init_hash, augments["baseline"])
                if trainer.baseline_cache else None)
         source, res = load_or_train(store_root(cfg, "baselines"), key, baseline, cfg.student, data, run_dir,
                                     train_baseline)
@@ -123,7 +123,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         teacher_info["outputs_cache_seconds"] = round(t_out.cache_seconds, 3)
     seed_everything(derive_seed(seed, SEED_TRAIN))
     res = fit("student", student, method, data.train, data.val, env, epochs=trainer.student_epochs,
-              optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed, teacher=t_out, extra=extra,
+              optimizer_cfg=student_optimizer(cfg), scheduler_cfg=cfg.scheduler, seed=seed, teacher=t_out, extra=extra,
               state_path=state_dir / "student.pt", state_tag=state_tag, augment=augments["student"])
     del t_out
     timings["student"] = time.perf_counter() - t0
@@ -138,6 +138,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     shutil.rmtree(state_dir, ignore_errors=True)  # the report is complete: resume state is no longer needed
     data.close()
     return rep
+
+
+def student_optimizer(cfg: DictConfig) -> DictConfig:
+    """``optimizer`` with ``student_optimizer``'s overrides: what the CE baseline and the distilled student use."""
+    return OmegaConf.merge(cfg.optimizer, cfg.get("student_optimizer") or {})
+
+
+def student_view(cfg: DictConfig) -> DictConfig:
+    """``cfg`` as the student phases see it (their optimizer), e.g. for the baseline's store key."""
+    view = cfg.copy()
+    view.optimizer = student_optimizer(cfg)
+    return view
 
 
 def run_paths(env: Env, data: DataBundle, models_built: dict[str, nn.Module], optimizer: str,

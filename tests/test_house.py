@@ -165,3 +165,17 @@ def test_multistep_scheduler_drops_at_milestones_and_checks_them():
     assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005])
     with pytest.raises(UserError, match=r"scheduler.milestones=\[180, 150\] is invalid"):
         build_scheduler(OmegaConf.create({"name": "multistep", "milestones": [180, 150], "gamma": 0.1}), opt, 5)
+
+
+def test_student_optimizer_overrides_only_the_student_phases(tmp_path):
+    """The recipe's lr 0.01 for MobileNetV2/ShuffleNet students leaves the teacher (and its store key) alone."""
+    import csv
+
+    plain = assert_ok(*run_cli([], tmp_path / "plain"))
+    proc, run_dir = run_cli(["+student_optimizer.lr=0.0005"], tmp_path / "low")
+    rep = assert_ok(proc, run_dir)
+    lrs = {r["phase"]: float(r["lr"]) for r in csv.DictReader(open(run_dir / "metrics.csv"))}
+    assert lrs == {"teacher": 0.001, "baseline": 0.0005, "student": 0.0005}
+    assert rep["teacher"]["key"] == plain["teacher"]["key"]
+    proc, run_dir = run_cli(["+student_optimizer.momentum=0.9"], tmp_path / "bad")
+    assert_user_error(proc, run_dir, "student_optimizer.momentum", "optimizer=adam")

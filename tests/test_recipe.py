@@ -37,8 +37,10 @@ def compose_experiment(name: str, *overrides: str):
 
 
 def assert_recipe(cfg, lr: float = 0.05) -> None:
+    """The recipe's values; ``lr`` is the students' (the teacher always trains at 0.05)."""
     o = cfg.optimizer
-    assert (o.name, o.lr, o.momentum, o.weight_decay, o.nesterov) == ("sgd", pytest.approx(lr), 0.9, 5e-4, False)
+    assert (o.name, o.lr, o.momentum, o.weight_decay, o.nesterov) == ("sgd", 0.05, 0.9, 5e-4, False)
+    assert OmegaConf.merge(o, cfg.student_optimizer).lr == pytest.approx(lr)
     assert (cfg.scheduler.name, list(cfg.scheduler.milestones), cfg.scheduler.gamma) == (
         "multistep", [150, 180, 210], 0.1)
     t = cfg.trainer
@@ -77,7 +79,7 @@ def test_pair_file_overrides_only_what_changes(name):
     assert list(raw.defaults) == [f"/experiment/{RECIPE}", {"override /model@teacher": teacher},
                                   {"override /model@student": student}]
     rest = {k: v for k, v in OmegaConf.to_container(raw).items() if k != "defaults"}
-    assert rest == ({"optimizer": {"lr": 0.01}} if student in LOW_LR_STUDENTS else {})
+    assert rest == ({"student_optimizer": {"lr": 0.01}} if student in LOW_LR_STUDENTS else {})
 
 
 def test_every_recipe_experiment_is_a_published_pair():

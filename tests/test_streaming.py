@@ -297,7 +297,8 @@ def test_cifar_and_mnist_errors_are_the_tensor_paths(tmp_path):
 
 @pytest.mark.parametrize(("cfg", "workers", "needle"), [
     ({"name": "digits"}, 0, "dataset=digits is held in memory"),
-    ({"name": "imagenet"}, 0, "dataset.name='imagenet' is unknown; valid: cifar10, cifar100, digits, image_folder, mnist"),
+    ({"name": "imagenet"}, 0,
+     "dataset.name='imagenet' is unknown; valid: cifar10, cifar100, digits, image_folder, mnist"),
     ({"name": "mnist", "root": "."}, -1, "num_workers=-1 is invalid"),
     ({"name": "mnist", "root": "."}, True, "num_workers=True is invalid"),
 ])
