@@ -9,9 +9,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_runner.errors import UserError, choices, number
+from kd_runner.models.cifar_resnet import RESNET_ARCHS
+from kd_runner.models.cifar_resnetv2 import RESNETV2_ARCHS
 from kd_runner.models.convnets import DemoCNN, KerasConvTeacher, SmallCNN
 from kd_runner.models.mlp import MLP
+from kd_runner.models.mobilenetv2 import MOBILENETV2_ARCHS
+from kd_runner.models.shufflenetv1 import SHUFFLEV1_ARCHS
+from kd_runner.models.shufflenetv2 import SHUFFLEV2_ARCHS
 from kd_runner.models.tutorial import DeepNN, LightNN
+from kd_runner.models.vgg import VGG_ARCHS
+from kd_runner.models.wrn import WRN_ARCHS
 from kd_runner.models.zoo import build_torchvision
 
 Builder = Callable[..., nn.Module]
@@ -24,6 +31,14 @@ ARCHS: dict[str, Builder] = {
     "demo_cnn": DemoCNN,
     "small_cnn": SmallCNN,
     "torchvision": build_torchvision,
+    # the CIFAR distillation zoo of RepDistiller / mdistiller (kd_runner/models/cifar_parts.py: tappable names)
+    **RESNET_ARCHS,  # resnet8 .. resnet110, resnet8x4, resnet32x4
+    **WRN_ARCHS,  # wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
+    **VGG_ARCHS,  # vgg8, vgg11, vgg13, vgg16, vgg19 (with BatchNorm)
+    **MOBILENETV2_ARCHS,  # mobilenetv2
+    **SHUFFLEV1_ARCHS,  # shufflev1
+    **SHUFFLEV2_ARCHS,  # shufflev2
+    **RESNETV2_ARCHS,  # resnet50_cifar
 }
 
 # keys of a model config that describe the run, not the builder (init/init_std: applied by build_model)
