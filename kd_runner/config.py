@@ -15,7 +15,7 @@ from kd_runner.methods.base import Method
 from kd_runner.optim import build_optimizer, build_scheduler
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-TEACHER_OUTPUTS = ("auto", "cache", "live")
+TEACHER_OUTPUTS = ("auto", "cache", "live", "views")
 DATA_ON_DEVICE = ("auto", "on", "off")
 
 
@@ -145,11 +145,22 @@ def validate(cfg: DictConfig) -> Trainer:
     return trainer
 
 
-def _teacher_output_mode(requested: str, student_augment: Augment | None) -> str:
-    """Cache teacher outputs unless the student's views are random: then the teacher must see the same view."""
+def _teacher_output_mode(requested: str, student_augment: Augment | None, method: Method | None = None) -> str:
+    """Cache teacher outputs unless the student's views are random: then the teacher must see the same view
+    (live, or ``views``: opt-in, logits of every crop/flip view computed once and looked up per sample)."""
     if requested == "cache" and student_augment is not None:
         raise UserError("trainer.teacher_outputs=cache with a randomly augmented student would distill from "
-                        "views the student never sees; use auto or live, or drop 'student' from augment.phases")
+                        "views the student never sees; use auto, live or views, or drop 'student' from "
+                        "augment.phases")
+    if requested == "views":
+        if student_augment is None:
+            raise UserError("trainer.teacher_outputs=views caches the teacher's logits per crop/flip view, but the "
+                            "student trains on fixed views (set augment.crop_padding > 0 or augment.hflip=true with "
+                            "'student' in augment.phases); use auto or cache")
+        taps = list(method.teacher_taps) if method is not None else []
+        if taps:
+            raise UserError(f"trainer.teacher_outputs=views serves logits only; method={method.name} reads teacher "
+                            f"layers {taps}; use live")
     if requested != "auto":
         return requested
     return "live" if student_augment is not None else "cache"
@@ -162,5 +173,6 @@ def preflight(cfg: DictConfig) -> tuple[Trainer, Method, dict[str, Augment | Non
 
     method = build_method(cfg.method)
     augments = phase_augments(cfg.augment)
-    outputs_mode = _teacher_output_mode(trainer.teacher_outputs, augments["student"]) if method.needs_teacher else None
+    outputs_mode = (_teacher_output_mode(trainer.teacher_outputs, augments["student"], method)
+                    if method.needs_teacher else None)
     return trainer, method, augments, outputs_mode

@@ -80,30 +80,54 @@ class TeacherOutputs:
     """Serves a frozen teacher's logits and tapped features for a training batch.
 
     ``cache`` mode runs the teacher once over the training split and indexes the result
-    (valid only when training views are deterministic); ``live`` runs it on each batch.
-    Both run under ``torch.inference_mode`` (no autograd bookkeeping) and the run's autocast.
+    (valid only when training views are deterministic); ``live`` runs it on each batch;
+    ``views`` (random crop/flip views, logits only) runs it once over every view of every
+    training image (``augment.num_views`` per image) and serves ``cache[idx, view_ids]``.
+    All run under ``torch.inference_mode`` (no autograd bookkeeping) and the run's autocast.
     """
 
-    def __init__(self, teacher: nn.Module, taps: list[str], env: Env, split: Split, mode: str) -> None:
+    def __init__(self, teacher: nn.Module, taps: list[str], env: Env, split: Split, mode: str,
+                 augment: Augment | None = None, cache_device: torch.device | None = None) -> None:
         self.teacher, self.taps, self.env, self.mode = teacher, taps, env, mode
         self.cache: Outputs | None = None
         self.cache_seconds = 0.0
+        if mode == "views" and (augment is None or taps):
+            raise UserError("trainer.teacher_outputs=views needs random student views and serves logits only "
+                            f"(teacher taps: {taps}); use live")
         set_train_mode(teacher, False)
         for p in teacher.parameters():
             p.requires_grad_(False)
         compile_once(teacher, env.compute)
-        if mode == "cache":
+        if mode in ("cache", "views"):
             start = time.perf_counter()
-            self.cache = self._run_over(split)
+            if mode == "cache":
+                self.cache = self._run_over(split)
+            else:
+                self.cache = Outputs(self._run_over_views(split, augment, cache_device or env.device))
             if env.device.type == "cuda":
                 torch.cuda.synchronize(env.device)
             self.cache_seconds = time.perf_counter() - start
+
+    @property
+    def uses_views(self) -> bool:
+        """Whether ``__call__`` needs the view ids the augmentation drew (``views`` mode)."""
+        return self.mode == "views"
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a lookup can be captured in a CUDA graph: not from a cache in host memory."""
+        return self.cache is None or self.cache.logits.device.type == self.env.device.type
 
     @staticmethod
     def cache_bytes(n: int, classes: int, shapes: dict[str, torch.Size]) -> int:
         """Memory the cache takes for ``n`` samples: float32 logits plus every tapped map (per-sample shape)."""
         per_sample = classes + sum(int(torch.Size(s[1:]).numel()) for s in shapes.values())
         return 4 * n * per_sample
+
+    @staticmethod
+    def views_cache_bytes(n: int, views: int, classes: int) -> int:
+        """Memory the ``views`` cache takes: float32 logits for ``views`` views of ``n`` samples."""
+        return 4 * n * views * classes
 
     def _forward(self, x: Tensor) -> Outputs:
         """Teacher outputs as inference tensors: fine to index or cat, not to save for backward."""
@@ -122,11 +146,37 @@ class TeacherOutputs:
         # cat outside inference mode: the cache holds ordinary tensors that losses may save for backward
         return Outputs(torch.cat(logits), {n: torch.cat(v) for n, v in feats.items()})
 
-    def __call__(self, idx: Tensor, x: Tensor) -> Outputs:
+    def _run_over_views(self, split: Split, augment: Augment, where: torch.device) -> Tensor:
+        """(N, V, classes) float32 logits: every view of every image, rendered as ``augment.draw`` renders it.
+
+        Each batch is loaded once and run through the teacher once per view; the cache is allocated
+        outside inference mode, so losses may save lookups from it for backward."""
+        cache: Tensor | None = None
+        for idx, xb, _ in self.env.batches(split, self.env.eval_batch_size, shuffle=False):
+            xb = xb.to(self.env.device, non_blocking=True)
+            rows = idx.to(where)
+            for v in range(augment.num_views):
+                logits = self._forward(self.env.prepare(augment.view(xb, v))).logits
+                if cache is None:
+                    cache = torch.empty((len(split), augment.num_views, logits.shape[1]), dtype=torch.float32,
+                                        device=where)
+                cache[rows, v] = logits.to(where, torch.float32)
+        assert cache is not None, "the training split is empty"
+        return cache
+
+    def __call__(self, idx: Tensor, x: Tensor, views: Tensor | None = None) -> Outputs:
+        """Teacher outputs for the batch ``x`` of training samples ``idx``; ``views``: the view ids
+        ``Augment.draw`` gave (read in ``views`` mode only)."""
         if self.cache is None:
             out = self._forward(x)
             return Outputs(out.logits.clone(), {n: v.clone() for n, v in out.feats.items()})
-        idx = idx.to(self.cache.logits.device)
+        where = self.cache.logits.device
+        if self.mode == "views":
+            if views is None:
+                raise RuntimeError("teacher_outputs=views needs the view ids of the batch")
+            logits = self.cache.logits[idx.to(where), views.to(where)]
+            return Outputs(logits.to(x.device, non_blocking=True))
+        idx = idx.to(where)
         return Outputs(self.cache.logits[idx], {n: v[idx] for n, v in self.cache.feats.items()})
 
 
@@ -256,6 +306,7 @@ def fit(
     compile_once(model, env.compute)
     params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
     graphs = env.compute.cuda_graphs != "off" and graphs_reason(env, str(optimizer_cfg.name)) is None
+    graphs = graphs and getattr(teacher, "graph_safe", True)  # a lookup from host memory is not capturable
     optimizer = build_optimizer(optimizer_cfg, params, fused=env.device.type == "cuda", capturable=graphs)
     scheduler = build_scheduler(scheduler_cfg, optimizer, epochs)
     monitor = plateau_monitor(scheduler_cfg) if str(scheduler_cfg.name) == "plateau" else None
@@ -269,7 +320,8 @@ def fit(
         step = TrainStep(model, extra, method, env, taps, optimizer, teacher, graphs)
         for epoch in range(len(result.history) + 1, epochs + 1):
             t0 = time.perf_counter()
-            row = _train_epoch(phase, epoch, epochs, model, extra, train, env, step, order, augment)
+            row = _train_epoch(phase, epoch, epochs, model, extra, train, env, step, order, augment,
+                               views=getattr(teacher, "uses_views", False))
             if not math.isfinite(row["train_loss"]):
                 raise UserError(f"{phase}: training loss became {row['train_loss']} at epoch {epoch}; "
                                 f"lower optimizer.lr (now {optimizer_cfg.lr}) or the loss weights")
@@ -294,11 +346,12 @@ def fit(
 
 
 def _train_epoch(phase: str, epoch: int, epochs: int, model: nn.Module, extra: nn.Module, train: Split, env: Env,
-                 step: TrainStep, order: torch.Generator, augment: Augment | None) -> dict:
+                 step: TrainStep, order: torch.Generator, augment: Augment | None, views: bool = False) -> dict:
     """One pass over ``train``; loss parts and accuracy accumulate on the device (no per-step sync).
 
     Random views (``augment``) draw from ``order`` too, so one generator state pins the whole epoch;
-    a live teacher sees the same augmented batch as the student.
+    a live teacher sees the same augmented batch as the student. With ``views``, the step also gets
+    the id of the view each sample drew (same draws), for a teacher-view cache to look up.
     """
     set_train_mode(model, True)
     extra.train()
@@ -309,10 +362,11 @@ def _train_epoch(phase: str, epoch: int, epochs: int, model: nn.Module, extra: n
                desc=f"{phase} {epoch}/{epochs}", disable=not env.progress, leave=False, dynamic_ncols=True)
     for i, (idx, xb, yb) in enumerate(bar):
         xb = xb.to(env.device, non_blocking=True)
+        view_ids = None
         if augment is not None:
-            xb = augment(xb, order)
+            xb, view_ids = augment.draw(xb, order)
         y = yb.to(env.device, non_blocking=True)
-        step(idx, xb, y, full=y.shape[0] == env.batch_size)
+        step(idx, xb, y, full=y.shape[0] == env.batch_size, views=view_ids if views else None)
         seen += y.shape[0]
         if env.progress and (i % 20 == 0 or i == n_batches - 1):
             bar.set_postfix(loss=f"{float(step.sums['total']) / seen:.4f}",

@@ -73,12 +73,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     seed_everything(derive_seed(seed, SEED_STUDENT_INIT))
     student_init = prepare_model(build_model(cfg.student, shape, classes), device, env.compute)
     extra, teacher_shapes = _build_extra(method, student_init, teacher, data, env, seed)
-    outputs_note = None
+    outputs_note, cache_device = None, None
     if outputs_mode == "cache":  # decided now, before any training: a cache that cannot fit runs live instead
         outputs_mode, outputs_note = fit_teacher_cache(len(data.train), classes, teacher_shapes, device,
                                                        trainer.teacher_outputs_max_gb)
-        if outputs_note:
-            print(f"kd-train: {outputs_note}", flush=True)
+    elif outputs_mode == "views":
+        outputs_mode, outputs_note, cache_device = fit_view_cache(len(data.train), augments["student"].num_views,
+                                                                  classes, device, trainer.teacher_outputs_max_gb)
+    if outputs_note:
+        print(f"kd-train: {outputs_note}", flush=True)
     models_built = {"student": student_init, **({"teacher": teacher} if teacher is not None else {})}
     init_hash = weights_hash(student_init)
 
@@ -116,8 +119,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     student = copy.deepcopy(student_init)
     t_out = None
     if teacher is not None:
-        t_out = TeacherOutputs(teacher, method.teacher_taps, env, data.train, outputs_mode)
+        t_out = TeacherOutputs(teacher, method.teacher_taps, env, data.train, outputs_mode,
+                               augment=augments["student"], cache_device=cache_device)
         teacher_info["outputs"] = outputs_mode
+        if outputs_mode == "views":
+            n_views = augments["student"].num_views
+            teacher_info["outputs_views"] = n_views
+            teacher_info["outputs_cache_bytes"] = TeacherOutputs.views_cache_bytes(len(data.train), n_views, classes)
+            teacher_info["outputs_cache_where"] = "device" if cache_device == device else "host"
         if outputs_note:
             teacher_info["outputs_note"] = outputs_note
         teacher_info["outputs_cache_seconds"] = round(t_out.cache_seconds, 3)
@@ -200,6 +209,27 @@ def fit_teacher_cache(n_train: int, classes: int, teacher_shapes: dict[str, torc
         return "cache", None
     return "live", (f"the teacher-output cache would take {need / 2**30:.3g} GiB, more than {what} "
                     f"({budget / 2**30:.3g} GiB); the teacher runs live on every batch instead")
+
+
+def fit_view_cache(n_train: int, views: int, classes: int, device: torch.device,
+                   max_gb: float | None = None) -> tuple[str, str | None, torch.device | None]:
+    """``("views", note, where)`` when float32 logits for ``views`` views of ``n_train`` images fit in ``max_gb``
+    (default: half the memory available on ``device``, else half the host's); ``where`` is ``device`` when they
+    fit there, else the host (a host cache turns CUDA graphs off for the student). Else ``("live", why, None)``:
+    the teacher runs on every batch, which gives the same losses at the cost of a teacher forward per step."""
+    need = TeacherOutputs.views_cache_bytes(n_train, views, classes)
+    what = f"the teacher-view cache ({n_train} images x {views} views x {classes} classes) would take " \
+           f"{need / 2**30:.3g} GiB"
+    if max_gb is not None and need > int(max_gb * 2**30):
+        return "live", (f"{what}, more than trainer.teacher_outputs_max_gb={max_gb:g}; "
+                        "the teacher runs live on every batch instead"), None
+    if need <= available_memory(device) // 2:
+        return "views", None, device
+    host = torch.device("cpu")
+    if device.type != "cpu" and need <= available_memory(host) // 2:
+        return "views", (f"{what}, more than half the memory available on {device.type}; it lives in host memory "
+                         "(CUDA graphs off for the student)"), host
+    return "live", f"{what}, more than half the memory available; the teacher runs live on every batch instead", None
 
 
 def _build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, data: DataBundle,

@@ -31,7 +31,8 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class TrainStep:
-    """Callable ``(idx, uint8 images, labels)`` -> None; loss parts and hits accumulate on the device."""
+    """Callable ``(idx, uint8 images, labels, full, views=None)`` -> None; loss parts and hits accumulate on the
+    device. ``views`` (the augmentation's view ids, or None) is handed to the teacher callable untouched."""
 
     def __init__(self, model: nn.Module, extra: nn.Module, method: Method, env, taps: Taps,
                  optimizer: torch.optim.Optimizer, teacher, graphs: bool) -> None:
@@ -42,7 +43,7 @@ class TrainStep:
         self.correct = torch.zeros((), dtype=torch.long, device=env.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_lr: list[float] | None = None
-        self.static: tuple[Tensor, Tensor, Tensor] | None = None
+        self.static: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
         self.eager_steps = 0
         self.replays = 0
 
@@ -52,10 +53,10 @@ class TrainStep:
             v.zero_()
         self.correct.zero_()
 
-    def _math(self, idx: Tensor, xb: Tensor, y: Tensor) -> None:
+    def _math(self, idx: Tensor, xb: Tensor, y: Tensor, views: Tensor | None = None) -> None:
         env = self.env
         x = env.prepare(xb)
-        t_out = self.teacher(idx, x) if self.teacher is not None else None
+        t_out = self.teacher(idx, x, views) if self.teacher is not None else None
         # no autocast weight cache: cached casts made during capture would not be refreshed on replay
         with env.compute.autocast(env.device, cache_enabled=False):
             logits = self.model(to_model_format(x, self.model))
@@ -69,36 +70,39 @@ class TrainStep:
             self.sums[k].add_(v.detach().float() * n)
         self.correct.add_((logits.detach().argmax(1) == y).sum())
 
-    def __call__(self, idx: Tensor, xb: Tensor, y: Tensor, full: bool) -> None:
+    def __call__(self, idx: Tensor, xb: Tensor, y: Tensor, full: bool, views: Tensor | None = None) -> None:
         lr = [g["lr"] for g in self.optimizer.param_groups]
         if not (self.graphs and full) or self.eager_steps < WARMUP_STEPS:
-            self._eager(idx, xb, y)
+            self._eager(idx, xb, y, views)
             return
         if self.graph is None or lr != self.graph_lr:  # a float lr is baked into the graph: recapture on change
-            self._capture(idx, xb, y, lr)  # captures with this batch and runs it
+            self._capture(idx, xb, y, views, lr)  # captures with this batch and runs it
             return
-        sx, sxb, sy = self.static
+        sx, sxb, sy, sv = self.static
         sx.copy_(idx.to(sx.device), non_blocking=True)
         sxb.copy_(xb, non_blocking=True)
         sy.copy_(y, non_blocking=True)
+        if sv is not None:
+            sv.copy_(views.to(sv.device), non_blocking=True)
         self.graph.replay()
         self.replays += 1
 
-    def _eager(self, idx: Tensor, xb: Tensor, y: Tensor) -> None:
+    def _eager(self, idx: Tensor, xb: Tensor, y: Tensor, views: Tensor | None = None) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.graphs and self.env.device.type == "cuda" and self.eager_steps < WARMUP_STEPS:
             side = side_stream(self.env.device)  # warm up off the default stream, as capture requires
             side.wait_stream(torch.cuda.current_stream(self.env.device))
             with torch.cuda.stream(side):
-                self._math(idx, xb, y)
+                self._math(idx, xb, y, views)
             torch.cuda.current_stream(self.env.device).wait_stream(side)
         else:
-            self._math(idx, xb, y)
+            self._math(idx, xb, y, views)
         self.eager_steps += 1
 
-    def _capture(self, idx: Tensor, xb: Tensor, y: Tensor, lr: list[float]) -> None:
+    def _capture(self, idx: Tensor, xb: Tensor, y: Tensor, views: Tensor | None, lr: list[float]) -> None:
         self.graph = None
-        self.static = (idx.to(self.env.device).clone(), xb.clone(), y.clone())
+        sv = views.to(self.env.device).clone() if views is not None else None
+        self.static = (idx.to(self.env.device).clone(), xb.clone(), y.clone(), sv)
         self.optimizer.zero_grad(set_to_none=True)  # gradients are allocated (and later written) by the graph
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=side_stream(self.env.device)):

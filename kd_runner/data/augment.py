@@ -1,7 +1,8 @@
 """Random training views as batched tensor ops: jitter (random crop after zero padding) and h-flip.
 
 Runs on uint8 batches on the training device, drawing from the phase's seeded generator, so
-reruns and resumed runs see the same views.
+reruns and resumed runs see the same views. ``draw`` also says which of the finite views
+(crop offset, flip) each sample got; ``view`` renders one of them for a whole batch (the teacher-view cache).
 """
 
 from __future__ import annotations
@@ -26,19 +27,53 @@ class Augment:
     def active(self) -> bool:
         return self.crop_padding > 0 or self.hflip
 
+    @property
+    def num_views(self) -> int:
+        """How many distinct views one image has: (2p+1)^2 crop offsets, times 2 with h-flip."""
+        return (2 * self.crop_padding + 1) ** 2 * (2 if self.hflip else 1)
+
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.draw(x, gen)[0]
+
+    def draw(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(views, view_ids)``: one random view per image and which one it is (int64, on the host).
+
+        ``view_id = (dy * (2p+1) + dx) * F + flip`` with crop offset (dy, dx) in [0, 2p], F = 2 with
+        h-flip (else 1, flip = 0); ``view(x, view_id)`` renders the same pixels. The generator draws
+        are those of every earlier version (crop rows, crop columns, flips), so seeded runs repeat.
+        """
         n, _, h, w = x.shape
+        zeros = torch.zeros(n, dtype=torch.long)
+        oy = ox = zeros
         if self.crop_padding > 0:
             p = self.crop_padding
             padded = F.pad(x, (p, p, p, p))
-            oy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(x.device)
-            ox = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(x.device)
-            rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (N, H, 1)
-            cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, W)
+            oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+            ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+            oyd, oxd = oy.to(x.device), ox.to(x.device)
+            rows = (oyd[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (N, H, 1)
+            cols = (oxd[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, W)
             x = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+        flip = zeros
         if self.hflip:
-            flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            flipped = torch.rand(n, generator=gen) < 0.5
+            x = torch.where(flipped.to(x.device)[:, None, None, None], x.flip(3), x)
+            flip = flipped.long()
+        ids = (oy * (2 * self.crop_padding + 1) + ox) * (2 if self.hflip else 1) + flip
+        return x.contiguous(), ids
+
+    def view(self, x: torch.Tensor, view_id: int) -> torch.Tensor:
+        """View ``view_id`` (see ``draw``) of every image of ``x``: what fills a teacher-view cache."""
+        if not 0 <= view_id < self.num_views:
+            raise ValueError(f"view_id={view_id} is out of range for {self.num_views} views")
+        f = 2 if self.hflip else 1
+        offset, flip = divmod(int(view_id), f)
+        p, (h, w) = self.crop_padding, x.shape[-2:]
+        if p > 0:
+            dy, dx = divmod(offset, 2 * p + 1)
+            x = F.pad(x, (p, p, p, p))[:, :, dy:dy + h, dx:dx + w]
+        if flip:
+            x = x.flip(3)
         return x.contiguous()
 
 
