@@ -225,20 +225,8 @@ def loss_columns(rows: list[dict]) -> dict[tuple[str, str], list[str]]:
 
 # --------------------------------------------------------------------------- CIFAR-100 (pickles, image folders)
 
-# the fine_label_names of cifar-100-python/meta, in label order
-CIFAR100_CLASSES = [
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
-    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
-    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
-    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
-    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
-    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
-    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
-    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
-    "tractor",
-    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
-]
+# the fine_label_names of cifar-100-python/meta, in label order (the loader's own list: these files must match it)
+from kd_runner.data.cifar import CIFAR100_CLASSES  # noqa: E402
 
 
 def cifar100_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
