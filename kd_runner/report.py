@@ -20,7 +20,7 @@ from kd_runner.utils import atomic_write_text, save_figure, stable_hash
 
 ROLES = ("teacher", "baseline", "student")
 # keys that say where things are or how loud the run is, not what it computes
-HASH_EXCLUDED = ("paths",)
+HASH_EXCLUDED = ("paths", "overwrite")
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -60,7 +60,8 @@ def write_job_record(sweep_dir: Path, num: int, job_dir: str, overrides: list[st
 
 
 def read_job_records(sweep_dir: Path) -> dict[str, dict] | None:
-    """``{job dir relative to sweep_dir: record}`` of the last multirun into ``sweep_dir``; None if none ran."""
+    """``{job dir relative to sweep_dir: record}`` of the last multirun into ``sweep_dir``; None when no job
+    of a multirun has recorded itself there (an older sweep, or a multirun that never launched a job)."""
     folder = Path(sweep_dir) / JOBS_DIR
     if not folder.is_dir():
         return None
@@ -71,7 +72,7 @@ def read_job_records(sweep_dir: Path) -> dict[str, dict] | None:
             out[str(rec["dir"])] = rec
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    return out
+    return out or None
 
 
 def failed_jobs(records: dict[str, dict]) -> list[dict]:
