@@ -31,9 +31,14 @@ from kd_runner import __version__, checkpoints
 from kd_runner.data.tensors import DataBundle
 from kd_runner.engine import PhaseResult
 from kd_runner.errors import UserError
-from kd_runner.utils import atomic_write_bytes, atomic_write_text, code_hash, resolve_device, stable_hash
-
-DATASET_LOCATION_KEYS = ("root", "download", "decode_cache", "verify_md5")
+from kd_runner.utils import (
+    DATASET_LOCATION_KEYS,
+    atomic_write_bytes,
+    atomic_write_text,
+    code_hash,
+    resolve_device,
+    stable_hash,
+)
 
 
 def _major_minor(version: str) -> str:

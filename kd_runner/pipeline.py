@@ -214,7 +214,7 @@ def fit_teacher_cache(n_train: int, classes: int, teacher_shapes: dict[str, torc
 def fit_view_cache(n_train: int, views: int, classes: int, device: torch.device,
                    max_gb: float | None = None) -> tuple[str, str | None, torch.device | None]:
     """``("views", note, where)`` when float32 logits for ``views`` views of ``n_train`` images fit in ``max_gb``
-    (default: half the memory available on ``device``, else half the host's); ``where`` is ``device`` when they
+    on ``device`` (default: half the memory available there, else half the host's); ``where`` is ``device`` when they
     fit there, else the host (a host cache turns CUDA graphs off for the student). Else ``("live", why, None)``:
     the teacher runs on every batch, which gives the same losses at the cost of a teacher forward per step."""
     need = TeacherOutputs.views_cache_bytes(n_train, views, classes)
@@ -223,7 +223,7 @@ def fit_view_cache(n_train: int, views: int, classes: int, device: torch.device,
     if max_gb is not None and need > int(max_gb * 2**30):
         return "live", (f"{what}, more than trainer.teacher_outputs_max_gb={max_gb:g}; "
                         "the teacher runs live on every batch instead"), None
-    if need <= available_memory(device) // 2:
+    if max_gb is not None or need <= available_memory(device) // 2:  # a budget the user set is the device's
         return "views", None, device
     host = torch.device("cpu")
     if device.type != "cpu" and need <= available_memory(host) // 2:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_runner import __version__
 from kd_runner.data.tensors import DataBundle
 from kd_runner.methods.base import Method
-from kd_runner.utils import atomic_write_text, save_figure, stable_hash
+from kd_runner.utils import DATASET_LOCATION_KEYS, atomic_write_text, save_figure, stable_hash
 
 ROLES = ("teacher", "baseline", "student")
 # keys that say where things are or how loud the run is, not what it computes
@@ -28,6 +28,8 @@ def config_hash(cfg: DictConfig) -> str:
     for key in HASH_EXCLUDED:
         resolved.pop(key, None)
     resolved.get("trainer", {}).pop("progress", None)
+    for key in DATASET_LOCATION_KEYS:  # where the data sits is not what the run computes (a requeue may move it)
+        resolved.get("dataset", {}).pop(key, None)
     return stable_hash(resolved)
 
 

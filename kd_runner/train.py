@@ -350,6 +350,8 @@ def precheck(args: list[str]) -> Path | None:
     cfg = _compose_for_checks([a for a in args if not a.startswith("-")], multirun)
     if cfg is None:
         return None
+    if not multirun and str(cfg.hydra.get("mode")).endswith("MULTIRUN"):  # e.g. hparams_search=kd_optuna
+        multirun = True
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
         raw = str(OmegaConf.select(cfg, key.rpartition(".")[0])._get_node("dir")._value())
@@ -363,7 +365,7 @@ def precheck(args: list[str]) -> Path | None:
     if cache_dir.is_absolute() or not chdir:
         dirs.append(("paths.cache_dir", Path(os.path.abspath(cache_dir)), CACHE_HINT))
     check_dirs(dirs, output_dir)
-    if "now:" in raw or "hydra:" in raw:  # not the dir Hydra will resolve a moment later: the job locks its own
+    if re.search(r"\$\{(now|hydra):", raw):  # not the dir Hydra resolves a moment later: the job locks its own
         return None
     if multirun:
         from kd_runner.summary import reset_job_records
@@ -371,22 +373,20 @@ def precheck(args: list[str]) -> Path | None:
         lock_run_dir(job_dir, "sweep dir", key)
         reset_job_records(job_dir)
         return job_dir
-    lock_run_dir(job_dir, "run dir", key)
     task = copy.deepcopy(cfg)
     with open_dict(task):
         del task["hydra"]
     from kd_runner import pipeline
     from kd_runner.report import config_hash
 
-    try:
+    try:  # a bad value is refused before the run dir is created or touched
         overwrite = pop_overwrite(task)
         pipeline.preflight(task)
-    except UserError as err:
-        if _may_write_error(job_dir, err):
-            (job_dir / "error.txt").write_text(f"{err}\n")
+    except UserError:
         raise
     except Exception:  # noqa: BLE001 - a bug: the job raises it again, with Hydra's context
         return None
+    lock_run_dir(job_dir, "run dir", key)
     rep = complete_report(job_dir)
     cfg_hash = config_hash(task)
     if rep is not None and not overwrite and rep.get("config_hash") != cfg_hash:
@@ -532,6 +532,10 @@ def _run_job(cfg: DictConfig, run_dir: Path, job: SweepJob | None) -> tuple[floa
             print(f"kd-train: {run_dir} already holds a complete report of this config; skipping")
             return objective(rep), "skipped", cfg_hash
         if overwrite:
+            ckpt = cfg.teacher.get("checkpoint")
+            if ckpt and Path(os.path.realpath(str(ckpt))).is_relative_to(os.path.realpath(run_dir)):
+                raise UserError(f"teacher.checkpoint='{ckpt}' lies in the run dir that overwrite=true would clear; "
+                                "copy it elsewhere first, or choose another hydra.run.dir")
             clear_run_outputs(run_dir)
         (run_dir / "error_traceback.txt").unlink(missing_ok=True)
         if trainer.num_threads is None:
@@ -588,9 +592,9 @@ def main() -> None:
         _report_user_error(err)
         sys.exit(EXIT_USER_ERROR)
     _hydra_main()
-    if _is_multirun(args):
-        from kd_runner.summary import ACTIVE_SWEEP
+    from kd_runner.summary import ACTIVE_SWEEP
 
+    if _is_multirun(args) or ACTIVE_SWEEP.get("dir") or sweep_dir is not None:  # -m, or a sweeper in the config
         _exit_if_jobs_failed(ACTIVE_SWEEP.get("dir") or sweep_dir)
 
 

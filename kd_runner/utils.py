@@ -96,9 +96,24 @@ def weights_hash(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+# dataset keys that say where the data is read from or how it is cached, not what it is
+DATASET_LOCATION_KEYS = ("root", "download", "decode_cache", "verify_md5")
+
+
+def _numbers_alike(obj: Any) -> Any:
+    """Ints as floats (not bools): ``method.T=4`` on the command line and ``T: 4.0`` in a YAML are one value."""
+    if isinstance(obj, dict):
+        return {k: _numbers_alike(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_numbers_alike(v) for v in obj]
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return float(obj)
+    return obj
+
+
 def stable_hash(obj: Any) -> str:
-    """Hash of a JSON-able object, independent of key order."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    """Hash of a JSON-able object, independent of key order and of ``4`` vs ``4.0``."""
+    blob = json.dumps(_numbers_alike(obj), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
