@@ -379,10 +379,14 @@ def precheck(args: list[str]) -> Path | None:
     from kd_runner import pipeline
     from kd_runner.report import config_hash
 
-    try:  # a bad value is refused before the run dir is created or touched
+    try:  # a bad value is refused before a default run dir is even created
         overwrite = pop_overwrite(task)
         pipeline.preflight(task)
-    except UserError:
+    except UserError as err:
+        if "kd_now" not in raw:  # a run dir the user named records why its run failed (error.txt)
+            lock_run_dir(job_dir, "run dir", key)
+            if _may_write_error(job_dir, err):
+                (job_dir / "error.txt").write_text(f"{err}\n")
         raise
     except Exception:  # noqa: BLE001 - a bug: the job raises it again, with Hydra's context
         return None
