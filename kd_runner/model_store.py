@@ -156,33 +156,13 @@ class ModelStore:
         touched once the entry has passed every check.
         """
         folder, model_pt, best_pt = self.entry_dir(key), self.entry(key), self.best_entry(key)
-        meta_path = folder / META_FILE
-        if not model_pt.exists() and not meta_path.exists():
+        status, reason, meta = _verify(folder)
+        if status == "absent":
             return None
-        meta = self.read_meta(key)
-        if not meta_path.is_file():
-            raise CorruptEntry(f"{META_FILE} is missing")
-        if not meta:
-            raise CorruptEntry(f"{META_FILE} is unreadable")
-        if not model_pt.is_file():
-            raise CorruptEntry(f"{MODEL_FILE} is missing")
-        files = meta.get("files")
-        if files is not None:  # size and sha256 recorded at write time
-            if not isinstance(files, dict) or not isinstance(files.get(MODEL_FILE), dict):
-                raise CorruptEntry(f"{META_FILE} has no valid file record")
-            for name, want in files.items():
-                path = folder / str(name)
-                if not isinstance(want, dict) or not path.is_file():
-                    raise CorruptEntry(f"{name} is missing")
-                got = _file_digest(path)
-                if got["size"] != want.get("size"):
-                    raise CorruptEntry(f"{name} is {got['size']} bytes, {want.get('size')} were written")
-                if got["sha256"] != want.get("sha256"):
-                    raise CorruptEntry(f"{name} has sha256 {got['sha256'][:12]}..., "
-                                       f"{str(want.get('sha256'))[:12]}... was written")
-            has_best = BEST_FILE in files
-        else:  # written before hashes were recorded: a readable entry is all that can be checked
-            has_best = best_pt.is_file()
+        if status == "corrupt":
+            raise CorruptEntry(reason)
+        # written before hashes were recorded ("unverified"): a readable entry is all that can be checked
+        has_best = BEST_FILE in meta["files"] if status == "ok" else best_pt.is_file()
         state = _read_state(model_pt, model, MODEL_FILE, whole_checkpoint=True)
         best = _read_state(best_pt, model, BEST_FILE, whole_checkpoint=False) if has_best else None
         model.load_state_dict(state)
@@ -309,33 +289,39 @@ def check_entry(folder: Path) -> tuple[str, str]:
     ``"unverified"``: written before sizes and hashes were recorded; only loading it could tell.
     ``"absent"``: nothing stored (at most a ``best.pt`` left by an interrupted write).
     """
+    status, reason, _ = _verify(folder)
+    return status, reason
+
+
+def _verify(folder: Path) -> tuple[str, str, dict]:
+    """:func:`check_entry`'s ``(status, reason)`` plus the entry's meta (``{}`` when unreadable)."""
     folder = Path(folder)
     model_pt, meta_path = folder / MODEL_FILE, folder / META_FILE
     if not model_pt.exists() and not meta_path.exists():
-        return "absent", "nothing stored"
+        return "absent", "nothing stored", {}
     if not meta_path.is_file():
-        return "corrupt", f"{META_FILE} is missing"
+        return "corrupt", f"{META_FILE} is missing", {}
     meta = ModelStore(folder.parent).read_meta(folder.name)
     if not meta:
-        return "corrupt", f"{META_FILE} is unreadable"
+        return "corrupt", f"{META_FILE} is unreadable", meta
     if not model_pt.is_file():
-        return "corrupt", f"{MODEL_FILE} is missing"
+        return "corrupt", f"{MODEL_FILE} is missing", meta
     files = meta.get("files")
     if files is None:
-        return "unverified", "written before sizes and hashes were recorded"
+        return "unverified", "written before sizes and hashes were recorded", meta
     if not isinstance(files, dict) or not isinstance(files.get(MODEL_FILE), dict):
-        return "corrupt", f"{META_FILE} has no valid file record"
+        return "corrupt", f"{META_FILE} has no valid file record", meta
     for name, want in files.items():
         path = folder / str(name)
         if not isinstance(want, dict) or not path.is_file():
-            return "corrupt", f"{name} is missing"
+            return "corrupt", f"{name} is missing", meta
         try:
             got = _file_digest(path)
         except OSError as err:
-            return "corrupt", f"{name} cannot be read ({err.strerror or err})"
+            return "corrupt", f"{name} cannot be read ({err.strerror or err})", meta
         if got["size"] != want.get("size"):
-            return "corrupt", f"{name} is {got['size']} bytes, {want.get('size')} were written"
+            return "corrupt", f"{name} is {got['size']} bytes, {want.get('size')} were written", meta
         if got["sha256"] != want.get("sha256"):
             return "corrupt", (f"{name} has sha256 {got['sha256'][:12]}..., "
-                               f"{str(want.get('sha256'))[:12]}... was written")
-    return "ok", ""
+                               f"{str(want.get('sha256'))[:12]}... was written"), meta
+    return "ok", "", meta
