@@ -564,13 +564,12 @@ class KdRunnerArm(Arm):
             method = kd_runner.methods.build_method(cfg.method)
             teacher = self.teacher(env, bundle) if method.needs_teacher else None
             student = self.build("student", env, bundle)
-            extra = prepare_model(method.extra_modules(
-                kd_runner.engine.probe_shapes(student, method.student_taps, bundle.train, env, "student"),
-                kd_runner.engine.probe_shapes(teacher, method.teacher_taps, bundle.train, env, "teacher")
-                if teacher is not None else {}), env)
+            extra, _ = kd_runner.pipeline.build_extra(method, student, teacher, bundle.train, env,
+                                                      bundle.num_classes)
             mode = "live" if self.s.trainer.teacher_outputs == "live" else "cache"
             t_out, cache_s = (timed(dev, lambda: kd_runner.engine.TeacherOutputs(
-                teacher, method.teacher_taps, env, bundle.train, mode)) if teacher is not None else (None, 0.0))
+                teacher, method.teacher_taps, env, bundle.train, mode, reduce=method.reduce_teacher))
+                if teacher is not None else (None, 0.0))
             res, secs = timed(dev, lambda: kd_runner.engine.fit("student", student, method, bundle.train, None, env,
                                                                 teacher=t_out, extra=extra, **fit_kw))
             self.models["kd"] = student

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,12 +84,15 @@ class TeacherOutputs:
     (valid only when training views are deterministic); ``live`` runs it on each batch;
     ``views`` (random crop/flip views, logits only) runs it once over every view of every
     training image (``augment.num_views`` per image) and serves ``cache[idx, view_ids]``.
-    All run under ``torch.inference_mode`` (no autograd bookkeeping) and the run's autocast.
+    All run under ``torch.inference_mode`` (no autograd bookkeeping) and the run's autocast. Tapped maps pass
+    through ``reduce`` (the method's ``reduce_teacher``) before they are cached or served.
     """
 
     def __init__(self, teacher: nn.Module, taps: list[str], env: Env, split: Split, mode: str,
-                 augment: Augment | None = None, cache_device: torch.device | None = None) -> None:
+                 augment: Augment | None = None, cache_device: torch.device | None = None,
+                 reduce: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None) -> None:
         self.teacher, self.taps, self.env, self.mode = teacher, taps, env, mode
+        self.reduce = reduce or (lambda feats: feats)  # the method's reduce_teacher: applied before caching
         self.cache: Outputs | None = None
         self.cache_seconds = 0.0
         if mode == "views" and (augment is None or taps):
@@ -134,15 +138,15 @@ class TeacherOutputs:
         with torch.inference_mode(), self.env.compute.autocast(self.env.device), \
                 Taps(self.teacher, self.taps, "teacher") as taps:
             logits = self.teacher(to_model_format(x, self.teacher))
-            return Outputs(logits, taps.take())
+            return Outputs(logits, self.reduce(taps.take()) if self.taps else {})
 
     def _run_over(self, split: Split) -> Outputs:
-        logits, feats = [], {n: [] for n in self.taps}
+        logits, feats = [], {}
         for _, xb, _ in self.env.batches(split, self.env.eval_batch_size, shuffle=False):
             out = self._forward(self.env.prepare(xb))
             logits.append(out.logits)
-            for n in self.taps:
-                feats[n].append(out.feats[n])
+            for n, v in out.feats.items():
+                feats.setdefault(n, []).append(v)
         # cat outside inference mode: the cache holds ordinary tensors that losses may save for backward
         return Outputs(torch.cat(logits), {n: torch.cat(v) for n, v in feats.items()})
 
@@ -203,17 +207,17 @@ def predict_accuracy(model: nn.Module, split: Split, env: Env) -> float:
     return evaluate(model, split, env)[0]
 
 
-def probe_shapes(model: nn.Module, names: list[str], split: Split, env: Env, role: str) -> dict[str, torch.Size]:
-    """Shapes of the tapped layers for a 2-image batch (drives regressor construction)."""
+def probe_taps(model: nn.Module, names: list[str], split: Split, env: Env, role: str) -> dict[str, Tensor]:
+    """The tapped layers' outputs for a 2-image batch: their shapes drive extras' construction."""
     if not names:
         return {}
     was_training = model.training
     set_train_mode(model, False)
     with torch.no_grad(), Taps(model, names, role) as taps:
         model(to_model_format(env.prepare(split.head(2)), model))
-        shapes = {n: t.shape for n, t in taps.take().items()}
+        outputs = taps.take()
     set_train_mode(model, was_training)
-    return shapes
+    return outputs
 
 
 @dataclass
@@ -355,7 +359,7 @@ def _train_epoch(phase: str, epoch: int, epochs: int, model: nn.Module, extra: n
     """
     set_train_mode(model, True)
     extra.train()
-    step.reset()
+    step.reset(epoch)
     seen = 0
     n_batches = math.ceil(len(train) / env.batch_size)
     bar = tqdm(env.batches(train, env.batch_size, shuffle=True, generator=order), total=n_batches,

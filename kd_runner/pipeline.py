@@ -17,10 +17,10 @@ from kd_runner.config import Trainer, preflight
 from kd_runner.data import build_data
 from kd_runner.data.augment import Augment
 from kd_runner.data.cache import set_cache_dir
-from kd_runner.data.tensors import DataBundle, Normalizer
-from kd_runner.engine import Env, PhaseResult, TeacherOutputs, check_state_tag, fit, predict_accuracy, probe_shapes
+from kd_runner.data.tensors import DataBundle, Normalizer, Split
+from kd_runner.engine import Env, PhaseResult, TeacherOutputs, check_state_tag, fit, predict_accuracy, probe_taps
 from kd_runner.errors import UserError
-from kd_runner.methods.base import Method
+from kd_runner.methods.base import Method, Setup
 from kd_runner.methods.ce import CE
 from kd_runner.model_store import baseline_key, load_or_train, teacher_key
 from kd_runner.models import build_model
@@ -72,7 +72,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         teacher = prepare_model(build_model(cfg.teacher, shape, classes), device, env.compute)
     seed_everything(derive_seed(seed, SEED_STUDENT_INIT))
     student_init = prepare_model(build_model(cfg.student, shape, classes), device, env.compute)
-    extra, teacher_shapes = _build_extra(method, student_init, teacher, data, env, seed)
+    extra, teacher_shapes = build_extra(method, student_init, teacher, data.train, env, classes, seed)
     outputs_note, cache_device = None, None
     if outputs_mode == "cache":  # decided now, before any training: a cache that cannot fit runs live instead
         outputs_mode, outputs_note = fit_teacher_cache(len(data.train), classes, teacher_shapes, device,
@@ -120,7 +120,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     t_out = None
     if teacher is not None:
         t_out = TeacherOutputs(teacher, method.teacher_taps, env, data.train, outputs_mode,
-                               augment=augments["student"], cache_device=cache_device)
+                               augment=augments["student"], cache_device=cache_device, reduce=method.reduce_teacher)
         teacher_info["outputs"] = outputs_mode
         if outputs_mode == "views":
             n_views = augments["student"].num_views
@@ -232,15 +232,23 @@ def fit_view_cache(n_train: int, views: int, classes: int, device: torch.device,
     return "live", f"{what}, more than half the memory available; the teacher runs live on every batch instead", None
 
 
-def _build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, data: DataBundle,
-                 env: Env, seed: int) -> tuple[nn.Module, dict[str, torch.Size]]:
-    """Resolve taps on both models and let the method build its trainable extras for those shapes.
+def build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, train: Split, env: Env,
+                num_classes: int, seed: int | None = None) -> tuple[nn.Module, dict[str, torch.Size]]:
+    """Bind the method's layers to both models and let it build its trainable extras for the tapped shapes.
 
-    Returns the extras and the teacher's tapped shapes (they size the teacher-output cache)."""
-    s_shapes = probe_shapes(student, method.student_taps, data.train, env, "student")
-    t_shapes = probe_shapes(teacher, method.teacher_taps, data.train, env, "teacher") if teacher is not None else {}
-    seed_everything(derive_seed(seed, SEED_EXTRA))
-    return prepare_model(method.extra_modules(s_shapes, t_shapes), env.device, env.compute), t_shapes
+    Returns the extras and the shapes of the teacher's outputs as the method reads them (after its
+    ``reduce_teacher``): they size the teacher-output cache."""
+    method.bind(student, teacher)
+    s_out = probe_taps(student, method.student_taps, train, env, "student")
+    t_out = probe_taps(teacher, method.teacher_taps, train, env, "teacher") if teacher is not None else {}
+    setup = Setup({k: v.shape for k, v in s_out.items()}, {k: v.shape for k, v in t_out.items()},
+                  num_classes=num_classes, n_train=len(train), train_targets=train.labels, student=student,
+                  teacher=teacher)
+    if seed is not None:
+        seed_everything(derive_seed(seed, SEED_EXTRA))
+    extra = prepare_model(method.extra_modules(setup), env.device, env.compute)
+    reduced = method.reduce_teacher(t_out) if t_out else {}
+    return extra, {k: v.shape for k, v in reduced.items()}
 
 
 def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, state_tag: str, seed,

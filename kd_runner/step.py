@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_runner.compute import to_model_format
-from kd_runner.methods.base import Method, Outputs
+from kd_runner.methods.base import Batch, Method, Outputs
 from kd_runner.taps import Taps
 
 # Adam/AdamW run with capturable=True (their step count lives on the GPU); SGD keeps no step count, and its
@@ -41,17 +41,20 @@ class TrainStep:
         self.graphs = graphs
         self.sums: dict[str, Tensor] = {}
         self.correct = torch.zeros((), dtype=torch.long, device=env.device)
+        self.epoch = torch.zeros((), device=env.device)  # read by methods through Batch.epoch, also when replayed
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_lr: list[float] | None = None
         self.static: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
         self.eager_steps = 0
         self.replays = 0
 
-    def reset(self) -> None:
-        """Zero the running sums at the start of an epoch (in place: a graph holds their addresses)."""
+    def reset(self, epoch: int = 1) -> None:
+        """Zero the running sums and set the epoch at the start of an epoch (in place: a graph holds their
+        addresses)."""
         for v in self.sums.values():
             v.zero_()
         self.correct.zero_()
+        self.epoch.fill_(float(epoch))
 
     def _math(self, idx: Tensor, xb: Tensor, y: Tensor, views: Tensor | None = None) -> None:
         env = self.env
@@ -60,7 +63,8 @@ class TrainStep:
         # no autocast weight cache: cached casts made during capture would not be refreshed on replay
         with env.compute.autocast(env.device, cache_enabled=False):
             logits = self.model(to_model_format(x, self.model))
-            losses = self.method.loss(Outputs(logits, self.taps.take()), t_out, y, self.extra)
+            batch = Batch(y, idx.to(env.device, non_blocking=True), self.epoch)
+            losses = self.method.loss(Outputs(logits, self.taps.take()), t_out, batch, self.extra)
         losses["total"].backward()
         self.optimizer.step()
         n = y.shape[0]

@@ -586,8 +586,34 @@ def expand_role_shorthand(args: list[str]) -> list[str]:
     return [ROLE_SHORTHAND.sub(r"\1model@\2=", a) for a in args]
 
 
+METHOD_SUM = re.compile(r"^method=([^,]+\+[^,]+)$")
+
+
+def expand_method_sum(args: list[str]) -> list[str]:
+    """``method=crd+kd`` -> ``method=crd +method@method.add.kd=kd``: the first method plus each added one
+    (``kd_runner.methods.compose``); every part keeps its own YAML's options under ``method.add.<name>``."""
+    out: list[str] = []
+    for a in args:
+        m = METHOD_SUM.match(a)
+        if a.startswith("method=") and "+" in a and "," in a:
+            raise UserError(f"{a!r}: a composed method cannot be swept with ','; run one sweep per composition, "
+                            "e.g. method=crd+kd method.add.kd.soft_weight=0.5,1")
+        if not m:
+            out.append(a)
+            continue
+        first, *added = m.group(1).split("+")
+        out.append(f"method={first}")
+        out += [f"+method@method.add.{name}={name}" for name in added]
+    return out
+
+
 def main() -> None:
     sys.argv[1:] = expand_role_shorthand(sys.argv[1:])
+    try:
+        sys.argv[1:] = expand_method_sum(sys.argv[1:])
+    except UserError as err:
+        _report_user_error(err)
+        sys.exit(EXIT_USER_ERROR)
     args = sys.argv[1:]
     try:
         check_overrides(args, config_dir())

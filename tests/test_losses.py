@@ -10,7 +10,7 @@ from torch import nn
 
 from kd_runner.errors import UserError
 from kd_runner.methods import METHODS, build_method
-from kd_runner.methods.base import Outputs
+from kd_runner.methods.base import Batch, Outputs, Setup
 from kd_runner.methods.cosine import Cosine
 from kd_runner.methods.hint import Hint
 from kd_runner.methods.kd import KD
@@ -59,7 +59,7 @@ def t(rows) -> torch.Tensor:
 @pytest.mark.parametrize("T", [1.0, 2.0, 4.0, 20.0])
 def test_kd_soft_term_is_kl_times_T_squared(T):
     m = KD(T=T, soft_weight=0.3, ce_weight=0.7)
-    out = m.loss(Outputs(t(S_LOGITS)), Outputs(t(T_LOGITS)), torch.tensor(TARGETS), nn.ModuleDict())
+    out = m.loss(Outputs(t(S_LOGITS)), Outputs(t(T_LOGITS)), Batch.of(torch.tensor(TARGETS)), nn.ModuleDict())
     soft, ce = hand_kl_T2(S_LOGITS, T_LOGITS, T), hand_ce(S_LOGITS, TARGETS)
     assert float(out["soft"]) == pytest.approx(soft, rel=1e-9)
     assert float(out["ce"]) == pytest.approx(ce, rel=1e-9)
@@ -69,21 +69,22 @@ def test_kd_soft_term_is_kl_times_T_squared(T):
 def test_kd_known_value():
     # one sample, two classes, T=1: p_s=(0.5,0.5), p_t=softmax(ln3, 0)=(0.75,0.25)
     out = KD(T=1.0, soft_weight=1.0, ce_weight=0.0).loss(
-        Outputs(t([[0.0, 0.0]])), Outputs(t([[math.log(3.0), 0.0]])), torch.tensor([0]), nn.ModuleDict())
+        Outputs(t([[0.0, 0.0]])), Outputs(t([[math.log(3.0), 0.0]])), Batch.of(torch.tensor([0])), nn.ModuleDict())
     expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
     assert float(out["soft"]) == pytest.approx(expected, rel=1e-12)
     assert float(out["total"]) == pytest.approx(expected, rel=1e-12)
 
 
 def test_kd_soft_term_is_zero_when_student_matches_teacher():
-    out = KD(T=2.0).loss(Outputs(t(T_LOGITS)), Outputs(t(T_LOGITS)), torch.tensor(TARGETS), nn.ModuleDict())
+    out = KD(T=2.0).loss(Outputs(t(T_LOGITS)), Outputs(t(T_LOGITS)), Batch.of(torch.tensor(TARGETS)), nn.ModuleDict())
     assert float(out["soft"]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_kd_gradient_reaches_student_only():
     s = t(S_LOGITS).requires_grad_(True)
     teacher = t(T_LOGITS).requires_grad_(True)
-    KD(T=2.0).loss(Outputs(s), Outputs(teacher.detach()), torch.tensor(TARGETS), nn.ModuleDict())["total"].backward()
+    out = KD(T=2.0).loss(Outputs(s), Outputs(teacher.detach()), Batch.of(torch.tensor(TARGETS)), nn.ModuleDict())
+    out["total"].backward()
     assert s.grad is not None and float(s.grad.abs().sum()) > 0
 
 
@@ -117,7 +118,7 @@ def test_cosine_same_width_is_mean_one_minus_cos():
     m = Cosine(hidden_weight=0.4, ce_weight=0.6)
     logits = t([[0.2, 0.1], [0.0, 1.0], [1.0, 0.0]])
     out = m.loss(Outputs(logits, {"features": t(s_rows)}), Outputs(logits, {"features": t(t_rows)}),
-                 torch.tensor([0, 1, 0]), nn.ModuleDict())
+                 Batch.of(torch.tensor([0, 1, 0])), nn.ModuleDict())
     hidden = hand_cosine_loss(s_rows, t_rows)
     ce = hand_ce([[0.2, 0.1], [0.0, 1.0], [1.0, 0.0]], [0, 1, 0])
     assert float(out["hidden"]) == pytest.approx(hidden, rel=1e-9)
@@ -132,8 +133,8 @@ def test_cosine_teacher_twice_as_wide_is_pairwise_mean_like_tutorial():
     pooled = [[(row[2 * i] + row[2 * i + 1]) / 2 for i in range(4)] for row in teacher.tolist()]
     m = Cosine()
     logits = torch.zeros(3, 2, dtype=torch.float64)
-    out = m.loss(Outputs(logits, {"features": s}), Outputs(logits, {"features": teacher}), torch.tensor([0, 1, 0]),
-                 nn.ModuleDict())
+    out = m.loss(Outputs(logits, {"features": s}), Outputs(logits, {"features": teacher}),
+                 Batch.of(torch.tensor([0, 1, 0])), nn.ModuleDict())
     assert float(out["hidden"]) == pytest.approx(hand_cosine_loss(s.tolist(), pooled), rel=1e-9)
     # the PyTorch KD tutorial's own formulation: avg_pool1d(kernel_size=2) on the flattened teacher
     tutorial_t = torch.nn.functional.avg_pool1d(teacher.unsqueeze(1), kernel_size=2).squeeze(1)
@@ -149,15 +150,15 @@ def test_cosine_flattens_conv_maps():
     pooled = [[(row[2 * i] + row[2 * i + 1]) / 2 for i in range(8)] for row in flat_t]
     logits = torch.zeros(2, 2, dtype=torch.float64)
     out = Cosine().loss(Outputs(logits, {"features": s}), Outputs(logits, {"features": teacher}),
-                        torch.tensor([0, 1]), nn.ModuleDict())
+                        Batch.of(torch.tensor([0, 1])), nn.ModuleDict())
     assert float(out["hidden"]) == pytest.approx(hand_cosine_loss(s.flatten(1).tolist(), pooled), rel=1e-9)
 
 
 def test_cosine_rejects_teacher_narrower_than_student():
     m = Cosine(student_layer="a", teacher_layer="b")
     with pytest.raises(UserError, match="'b' has 28 features, fewer than student layer 'a' \\(64\\)"):
-        m.extra_modules({"a": torch.Size([2, 16, 2, 2])}, {"b": torch.Size([2, 28])})
-    assert len(list(m.extra_modules({"a": torch.Size([2, 64])}, {"b": torch.Size([2, 128])}).parameters())) == 0
+        m.extra_modules(Setup({"a": torch.Size([2, 16, 2, 2])}, {"b": torch.Size([2, 28])}))
+    assert len(list(m.extra_modules(Setup({"a": torch.Size([2, 64])}, {"b": torch.Size([2, 128])})).parameters())) == 0
 
 
 # --------------------------------------------------------------------------- Hint
@@ -165,7 +166,7 @@ def test_cosine_rejects_teacher_narrower_than_student():
 
 def test_hint_vector_regressor_and_mse_by_hand():
     m = Hint(student_layer="s", teacher_layer="t", hint_weight=0.5, ce_weight=2.0)
-    extra = m.extra_modules({"s": torch.Size([2, 3])}, {"t": torch.Size([2, 2])})
+    extra = m.extra_modules(Setup({"s": torch.Size([2, 3])}, {"t": torch.Size([2, 2])}))
     reg = extra["regressor"]
     assert isinstance(reg, nn.Linear) and (reg.in_features, reg.out_features) == (3, 2)
     with torch.no_grad():
@@ -178,7 +179,7 @@ def test_hint_vector_regressor_and_mse_by_hand():
     mse = sum((a - b) ** 2 for ra, rb in zip(mapped, t_rows, strict=True) for a, b in zip(ra, rb, strict=True)) / 4
     logit_rows = [[1.0, 0.0], [0.0, 1.0]]
     out = m.loss(Outputs(torch.tensor(logit_rows), {"s": torch.tensor(s_rows)}),
-                 Outputs(torch.zeros(2, 2), {"t": torch.tensor(t_rows)}), torch.tensor([1, 1]), extra)
+                 Outputs(torch.zeros(2, 2), {"t": torch.tensor(t_rows)}), Batch.of(torch.tensor([1, 1])), extra)
     ce = hand_ce(logit_rows, [1, 1])
     assert float(out["hint"].detach()) == pytest.approx(mse, rel=1e-6)
     assert float(out["total"].detach()) == pytest.approx(0.5 * mse + 2.0 * ce, rel=1e-6)
@@ -190,7 +191,7 @@ def test_hint_vector_regressor_and_mse_by_hand():
                                               ((2, 8, 6, 6), (2, 3, 3, 3))])
 def test_hint_conv_regressor_maps_to_teacher_shape(s_shape, t_shape):
     m = Hint()
-    extra = m.extra_modules({"features": torch.Size(s_shape)}, {"features": torch.Size(t_shape)})
+    extra = m.extra_modules(Setup({"features": torch.Size(s_shape)}, {"features": torch.Size(t_shape)}))
     reg = extra["regressor"]
     conv = [mod for mod in reg.modules() if isinstance(mod, nn.Conv2d)]
     assert len(conv) == 1 and (conv[0].in_channels, conv[0].out_channels) == (s_shape[1], t_shape[1])
@@ -199,7 +200,7 @@ def test_hint_conv_regressor_maps_to_teacher_shape(s_shape, t_shape):
     mapped = reg(s)
     assert tuple(mapped.shape) == t_shape
     out = m.loss(Outputs(torch.zeros(2, 3), {"features": s}), Outputs(torch.zeros(2, 3), {"features": teacher}),
-                 torch.tensor([0, 1]), extra)
+                 Batch.of(torch.tensor([0, 1])), extra)
     expected = float(((mapped - teacher) ** 2).sum().detach()) / teacher.numel()
     assert float(out["hint"].detach()) == pytest.approx(expected, rel=1e-5)
 
@@ -211,4 +212,4 @@ def test_hint_conv_regressor_maps_to_teacher_shape(s_shape, t_shape):
 ])
 def test_hint_rejects_unbridgeable_shapes(s_shape, t_shape, needle):
     with pytest.raises(UserError, match=needle):
-        Hint().extra_modules({"features": torch.Size(s_shape)}, {"features": torch.Size(t_shape)})
+        Hint().extra_modules(Setup({"features": torch.Size(s_shape)}, {"features": torch.Size(t_shape)}))

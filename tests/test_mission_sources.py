@@ -25,7 +25,7 @@ from torch import nn
 
 from kd_runner.errors import UserError
 from kd_runner.methods import build_method
-from kd_runner.methods.base import Outputs
+from kd_runner.methods.base import Batch, Outputs
 from kd_runner.methods.kd import KD
 from kd_runner.models import build_model, init_weights
 from kd_runner.models.convnets import TFSamePad2d, tf_same_padding
@@ -119,7 +119,7 @@ def test_demo_loss_is_the_kd_method_with_the_experiments_options(case):
     assert cfg.method.name == "kd" and cfg.method.T == T
     method = build_method(cfg.method)
     assert type(method) is KD  # an option of the one kd method, not a copy of it
-    out = method.loss(Outputs(torch.tensor(S_LOGITS)), Outputs(torch.tensor(T_LOGITS)), torch.tensor(TARGETS),
+    out = method.loss(Outputs(torch.tensor(S_LOGITS)), Outputs(torch.tensor(T_LOGITS)), Batch.of(torch.tensor(TARGETS)),
                       nn.ModuleDict())
     expected = formula(S_LOGITS, T_LOGITS, TARGETS, T, alpha)
     assert float(out["total"]) == pytest.approx(expected, rel=1e-10)
@@ -131,7 +131,8 @@ def test_the_three_losses_differ_on_the_same_logits():
     values = [f(S_LOGITS, T_LOGITS, TARGETS, 3.0, 0.5) for f in (keras_demo_loss, resnet_demo_loss,
                                                                    hinton_project_loss)]
     default = KD(T=3.0, soft_weight=0.5, ce_weight=0.5).loss(
-        Outputs(torch.tensor(S_LOGITS)), Outputs(torch.tensor(T_LOGITS)), torch.tensor(TARGETS), nn.ModuleDict())
+        Outputs(torch.tensor(S_LOGITS)), Outputs(torch.tensor(T_LOGITS)), Batch.of(torch.tensor(TARGETS)),
+        nn.ModuleDict())
     values.append(float(default["total"]))
     assert len({round(v, 9) for v in values}) == 4
 
@@ -141,9 +142,9 @@ def test_kl_reduction_mean_is_batchmean_over_classes_and_matches_torch_kldivloss
     y = torch.tensor(TARGETS)
     for T in (1.0, 2.5, 20.0):
         mean = KD(T=T, soft_weight=1.0, ce_weight=0.0, t_squared=False, kl_reduction="mean").loss(
-            Outputs(s), Outputs(t), y, nn.ModuleDict())["soft"]
+            Outputs(s), Outputs(t), Batch.of(y), nn.ModuleDict())["soft"]
         batchmean = KD(T=T, soft_weight=1.0, ce_weight=0.0, t_squared=False).loss(
-            Outputs(s), Outputs(t), y, nn.ModuleDict())["soft"]
+            Outputs(s), Outputs(t), Batch.of(y), nn.ModuleDict())["soft"]
         torch_default = nn.KLDivLoss(reduction="sum")(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1)) / s.numel()
         assert float(mean) == pytest.approx(float(batchmean) / 10, rel=1e-12)
         assert float(mean) == pytest.approx(float(torch_default), rel=1e-12)
@@ -152,8 +153,8 @@ def test_kl_reduction_mean_is_batchmean_over_classes_and_matches_torch_kldivloss
 
 def test_t_squared_false_drops_the_T_squared_factor():
     s, t, y = torch.tensor(S_LOGITS), torch.tensor(T_LOGITS), torch.tensor(TARGETS)
-    with_t2 = KD(T=4.0).loss(Outputs(s), Outputs(t), y, nn.ModuleDict())["soft"]
-    without = KD(T=4.0, t_squared=False).loss(Outputs(s), Outputs(t), y, nn.ModuleDict())["soft"]
+    with_t2 = KD(T=4.0).loss(Outputs(s), Outputs(t), Batch.of(y), nn.ModuleDict())["soft"]
+    without = KD(T=4.0, t_squared=False).loss(Outputs(s), Outputs(t), Batch.of(y), nn.ModuleDict())["soft"]
     assert float(with_t2) == pytest.approx(16.0 * float(without), rel=1e-12)
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_runner.methods.base import Method, Outputs
+from kd_runner.methods.base import Batch, Method, Outputs
 
 
 class CE(Method):
     name = "ce"
     needs_teacher = False
 
-    def loss(self, student: Outputs, teacher: Outputs | None, targets: Tensor, extra: nn.Module) -> dict[str, Tensor]:
-        ce = F.cross_entropy(student.logits, targets)
+    def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
+        ce = F.cross_entropy(student.logits, batch.targets)
         return {"total": self.ce_weight * ce, "ce": ce}

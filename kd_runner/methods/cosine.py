@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError
-from kd_runner.methods.base import LayerPairMethod, Outputs, nonneg
+from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, Setup, nonneg
 
 
 def pool_to_width(x: Tensor, width: int) -> Tensor:
@@ -29,9 +29,9 @@ class Cosine(LayerPairMethod):
         super().__init__(student_layer, teacher_layer, ce_weight)
         self.hidden_weight = nonneg("hidden_weight", hidden_weight)
 
-    def extra_modules(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> nn.Module:
-        ds = int(torch.Size(student_shapes[self.student_layer][1:]).numel())
-        dt = int(torch.Size(teacher_shapes[self.teacher_layer][1:]).numel())
+    def extra_modules(self, setup: Setup) -> nn.Module:
+        ds = int(torch.Size(setup.student_shapes[self.student_layer][1:]).numel())
+        dt = int(torch.Size(setup.teacher_shapes[self.teacher_layer][1:]).numel())
         if dt < ds:
             raise UserError(
                 f"method=cosine: teacher layer {self.teacher_layer!r} has {dt} features, fewer than student layer "
@@ -40,9 +40,9 @@ class Cosine(LayerPairMethod):
             )
         return nn.ModuleDict()
 
-    def loss(self, student: Outputs, teacher: Outputs | None, targets: Tensor, extra: nn.Module) -> dict[str, Tensor]:
+    def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         s = student.feats[self.student_layer].flatten(1)
         t = pool_to_width(teacher.feats[self.teacher_layer].flatten(1), s.shape[1])
         hidden = F.cosine_embedding_loss(s, t, torch.ones(s.shape[0], device=s.device))
-        ce = F.cross_entropy(student.logits, targets)
+        ce = F.cross_entropy(student.logits, batch.targets)
         return {"total": self.hidden_weight * hidden + self.ce_weight * ce, "hidden": hidden, "ce": ce}

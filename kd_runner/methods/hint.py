@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError
-from kd_runner.methods.base import LayerPairMethod, Outputs, nonneg
+from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, Setup, nonneg
 
 
 class ConvRegressor(nn.Module):
@@ -31,8 +30,8 @@ class Hint(LayerPairMethod):
         super().__init__(student_layer, teacher_layer, ce_weight)
         self.hint_weight = nonneg("hint_weight", hint_weight)
 
-    def extra_modules(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> nn.Module:
-        s, t = tuple(student_shapes[self.student_layer]), tuple(teacher_shapes[self.teacher_layer])
+    def extra_modules(self, setup: Setup) -> nn.Module:
+        s, t = tuple(setup.student_shapes[self.student_layer]), tuple(setup.teacher_shapes[self.teacher_layer])
         bad = (
             f"method=hint: student layer {self.student_layer!r} output {s[1:]} cannot be mapped onto teacher layer "
             f"{self.teacher_layer!r} output {t[1:]}"
@@ -45,8 +44,8 @@ class Hint(LayerPairMethod):
             return nn.ModuleDict({"regressor": nn.Linear(s[1], t[1])})
         raise UserError(bad + "; tap layers of the same kind (both conv maps or both vectors)")
 
-    def loss(self, student: Outputs, teacher: Outputs | None, targets: Tensor, extra: nn.Module) -> dict[str, Tensor]:
+    def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         mapped = extra["regressor"](student.feats[self.student_layer])
         hint = F.mse_loss(mapped, teacher.feats[self.teacher_layer])
-        ce = F.cross_entropy(student.logits, targets)
+        ce = F.cross_entropy(student.logits, batch.targets)
         return {"total": self.hint_weight * hint + self.ce_weight * ce, "hint": hint, "ce": ce}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError, choices, number
-from kd_runner.methods.base import Method, Outputs, nonneg
+from kd_runner.methods.base import Batch, Method, Outputs, nonneg
 
 KL_REDUCTIONS = ("batchmean", "mean")
 
@@ -48,7 +48,7 @@ class KD(Method):
             raise UserError(f"method.kl_reduction={kl_reduction!r} is invalid; valid: {choices(KL_REDUCTIONS)}")
         self.kl_reduction = str(kl_reduction)
 
-    def loss(self, student: Outputs, teacher: Outputs | None, targets: Tensor, extra: nn.Module) -> dict[str, Tensor]:
+    def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         soft = soft_target_kl(student.logits, teacher.logits, self.T, self.t_squared, self.kl_reduction)
-        ce = F.cross_entropy(student.logits, targets)
+        ce = F.cross_entropy(student.logits, batch.targets)
         return {"total": self.soft_weight * soft + self.ce_weight * ce, "soft": soft, "ce": ce}

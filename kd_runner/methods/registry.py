@@ -2,6 +2,7 @@
 
 A new method is one file here (a ``Method`` subclass with its own ``name``) and one YAML in
 ``conf/method/``; nothing else lists methods. The training loop never imports this module.
+``method.add`` (one entry per added method, each its own YAML's options) composes methods.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from kd_runner.errors import UserError, choices
 from kd_runner.methods.base import Method
 
-NOT_METHODS = {"base", "registry"}
+NOT_METHODS = {"base", "registry", "compose"}
+ADD_KEY = "add"
 
 
 @functools.cache
@@ -37,13 +39,37 @@ def methods() -> dict[str, type[Method]]:
     return found
 
 
-def build_method(cfg: DictConfig) -> Method:
-    name = str(cfg.name)
+def _build_one(options: dict, where: str) -> Method:
     registry = methods()
+    name = str(options.get("name"))
     if name not in registry:
-        raise UserError(f"method.name={name!r} is unknown; valid: {choices(registry)}")
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "name"}
+        raise UserError(f"{where}.name={name!r} is unknown; valid: {choices(registry)}")
+    kwargs = {k: v for k, v in options.items() if k not in ("name", ADD_KEY)}
     try:
         return registry[name](**kwargs)
     except TypeError as err:
         raise UserError(f"method={name}: unknown option ({err})") from None
+
+
+def build_method(cfg: DictConfig) -> Method:
+    options = OmegaConf.to_container(cfg, resolve=True)
+    primary = _build_one(options, "method")
+    added_cfg = options.get(ADD_KEY) or {}
+    if not isinstance(added_cfg, dict):
+        raise UserError(f"method.{ADD_KEY}={added_cfg!r} is invalid; compose methods as method=kd+crd "
+                        f"(or +method@method.{ADD_KEY}.<name>=<name>)")
+    if not added_cfg:
+        return primary
+    added: dict[str, Method] = {}
+    for label, part in added_cfg.items():
+        if not isinstance(part, dict) or "name" not in part:
+            raise UserError(f"method.{ADD_KEY}.{label} is not a method config; valid: {choices(methods())} "
+                            f"(add one as +method@method.{ADD_KEY}.<name>=<name>)")
+        if part.get(ADD_KEY):
+            raise UserError(f"method.{ADD_KEY}.{label}.{ADD_KEY}: an added method cannot add methods itself")
+        if part["name"] == primary.name or part["name"] in [p.name for p in added.values()]:
+            raise UserError(f"method {part['name']!r} appears twice in the composition; each method once")
+        added[str(label)] = _build_one(part, f"method.{ADD_KEY}.{label}")
+    from kd_runner.methods.compose import Composite
+
+    return Composite(primary, added)

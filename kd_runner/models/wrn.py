@@ -69,6 +69,8 @@ class WideResNet(StagedNet):
         head = nn.Sequential(OrderedDict(bn1=nn.BatchNorm2d(widths[3]), relu=nn.ReLU()))
         super().__init__(stem, stages, widths[3], num_classes, head=head, pool=GlobalAvgPool())
         init_he_normal(self, linear_std=None)
+        # pre-activation ResNet: a stage's pre-ReLU output is the next block's bn1 output (see the module docstring)
+        self.kd_layer_sets = {"preact_stages": ["stage2.0.bn1", "stage3.0.bn1", "head.bn1"]}
 
 
 WRN_ARCHS = {
