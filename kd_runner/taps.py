@@ -7,6 +7,7 @@ Method YAMLs may also name a *layer set*, which each model resolves to its own l
 - ``stages``: every stage's output, in order (``stage1``..``stageN`` in the CIFAR zoo, ``layer1``..``layer4`` in
   torchvision ResNets, a model's ``kd_layer_sets["stages"]`` otherwise);
 - ``preact_stages``: the same stages before their final ReLU (what OFD distils);
+- ``last_stage``: the last stage's output (a model with no stages: its ``features`` module, as in the MLPs);
 - ``embedding``: the pooled vector the final linear classifier reads (the input of the model's last Linear).
 """
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from kd_runner.errors import UserError
 
 INPUT_SUFFIX = ":input"
-LAYER_SETS = ("stages", "preact_stages", "embedding")
+LAYER_SETS = ("stages", "preact_stages", "last_stage", "embedding")
 _STAGE = re.compile(r"^(?:stage|layer)(\d+)$")
 
 
@@ -37,6 +38,7 @@ def layer_sets(model: nn.Module) -> dict[str, list[str]]:
     found = {
         "stages": stages,
         "preact_stages": [f"{s}.preact" for s in stages] if all(f"{s}.preact" in modules for s in stages) else [],
+        "last_stage": stages[-1:] or (["features"] if "features" in modules else []),
         "embedding": ["embedding"] if "embedding" in modules else [f"{linears[-1]}{INPUT_SUFFIX}"] if linears else [],
     }
     found.update({k: list(v) for k, v in declared.items()})

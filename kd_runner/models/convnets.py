@@ -96,7 +96,8 @@ class DemoCNN(nn.Module):
 class SmallCNN(FeaturesClassifier):
     """A compact student for the ResNet-50 demo: two conv blocks and a 128-wide head."""
 
-    kd_layer_sets = {"stages": ["features.3", "features.7"], "preact_stages": ["features.1", "features.5"]}
+    kd_layer_sets = {"last_stage": ["features"], "stages": ["features.3", "features.7"],
+                     "preact_stages": ["features.1", "features.5"]}
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 32) -> None:
         super().__init__()

@@ -26,7 +26,8 @@ class DeepNN(FeaturesClassifier):
     """Tutorial teacher: 4 convs + 2 pools, then 512-wide MLP. 1,186,986 params on CIFAR-10."""
 
     # layer sets for feature methods: each pool's output, and each block's last conv before its ReLU
-    kd_layer_sets = {"stages": ["features.4", "features.9"], "preact_stages": ["features.2", "features.7"]}
+    kd_layer_sets = {"last_stage": ["features"], "stages": ["features.4", "features.9"],
+                     "preact_stages": ["features.2", "features.7"]}
 
     def __init__(self, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> None:
         super().__init__()
@@ -53,7 +54,8 @@ class DeepNN(FeaturesClassifier):
 class LightNN(FeaturesClassifier):
     """Tutorial student: 2 convs + 2 pools, then 256-wide MLP. 267,738 params on CIFAR-10."""
 
-    kd_layer_sets = {"stages": ["features.2", "features.5"], "preact_stages": ["features.0", "features.3"]}
+    kd_layer_sets = {"last_stage": ["features"], "stages": ["features.2", "features.5"],
+                     "preact_stages": ["features.0", "features.3"]}
 
     def __init__(self, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10) -> None:
         super().__init__()
