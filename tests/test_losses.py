@@ -101,7 +101,8 @@ def test_method_registry_builds_every_config_group_option():
     from omegaconf import OmegaConf
 
     names = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
-    assert names == sorted(METHODS) == ["ce", "cosine", "hint", "kd"]
+    assert names == sorted(METHODS)  # one YAML per registered method, no more, no less
+    assert {"ce", "kd", "cosine", "hint"} <= set(names)
     for name in names:
         m = build_method(OmegaConf.load(CONF / "method" / f"{name}.yaml"))
         assert m.name == name

@@ -24,6 +24,11 @@ class Composite(Method):
         for part in self.added.values():
             part.ce_weight = 0.0
         self.needs_teacher = any(p.needs_teacher for p in self._parts())
+        self._union_taps()
+
+    def _union_taps(self) -> None:
+        self.student_taps = list(dict.fromkeys(t for p in self._parts() for t in p.student_taps))
+        self.teacher_taps = list(dict.fromkeys(t for p in self._parts() for t in p.teacher_taps))
 
     def _parts(self) -> list[Method]:
         return [self.primary, *self.added.values()]
@@ -34,8 +39,7 @@ class Composite(Method):
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         for part in self._parts():
             part.bind(student, teacher)
-        self.student_taps = list(dict.fromkeys(t for p in self._parts() for t in p.student_taps))
-        self.teacher_taps = list(dict.fromkeys(t for p in self._parts() for t in p.teacher_taps))
+        self._union_taps()
 
     def extra_modules(self, setup: Setup) -> nn.Module:
         parts = zip(self._labels(), self._parts(), strict=True)

@@ -6,6 +6,9 @@ Two options reach the demos' own variants of the loss without copying it:
 - ``kl_reduction``: ``batchmean`` sums the KL over classes and averages over the batch (the true KL,
   as Keras' ``KLDivergence``); ``mean`` averages over batch * classes, as ``nn.KLDivLoss()``'s default
   (= batchmean / num_classes), which the PyTorch demos use.
+
+``logit_stand`` z-scores both models' logits before the temperature softmax (Sun et al., CVPR 2024; see
+``logit_tools``); CE still reads the raw student logits, as in the reference.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import Tensor, nn
 
 from kd_runner.errors import UserError, choices, number
 from kd_runner.methods.base import Batch, Method, Outputs, nonneg
+from kd_runner.methods.logit_tools import flag, standardize
 
 KL_REDUCTIONS = ("batchmean", "mean")
 
@@ -35,7 +39,7 @@ class KD(Method):
     name = "kd"
 
     def __init__(self, T: float = 2.0, soft_weight: float = 0.25, ce_weight: float = 0.75, t_squared: bool = True,
-                 kl_reduction: str = "batchmean") -> None:
+                 kl_reduction: str = "batchmean", logit_stand: bool = False) -> None:
         super().__init__(ce_weight)
         self.T = number(T, "method.T")
         if self.T <= 0:
@@ -47,8 +51,12 @@ class KD(Method):
         if kl_reduction not in KL_REDUCTIONS:
             raise UserError(f"method.kl_reduction={kl_reduction!r} is invalid; valid: {choices(KL_REDUCTIONS)}")
         self.kl_reduction = str(kl_reduction)
+        self.logit_stand = flag("logit_stand", logit_stand)
 
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
-        soft = soft_target_kl(student.logits, teacher.logits, self.T, self.t_squared, self.kl_reduction)
+        s, t = student.logits, teacher.logits
+        if self.logit_stand:
+            s, t = standardize(s), standardize(t)
+        soft = soft_target_kl(s, t, self.T, self.t_squared, self.kl_reduction)
         ce = F.cross_entropy(student.logits, batch.targets)
         return {"total": self.soft_weight * soft + self.ce_weight * ce, "soft": soft, "ce": ce}
