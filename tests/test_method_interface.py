@@ -189,3 +189,44 @@ def test_bad_composition_on_the_command_line_exits_2(run_cli, tmp_path, args, me
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (run_dir / "report.json").exists()
+
+
+# --------------------------------------------------------------------------- every method on both kinds of model
+
+# (method, teacher) -> what its refusal says: OFD's margins come from the BatchNorm before the teacher's ReLU
+REFUSALS = {("ofd", "deep_nn"): "BatchNorm"}
+SMALL = {"crd": {"nce_k": 16}}  # the paper's 16384 negatives need a larger training split than this test's
+
+
+@pytest.mark.parametrize(("teacher_name", "student_name"), [("deep_nn", "light_nn"), ("resnet32x4", "resnet8x4")])
+def test_every_method_binds_and_steps_on_tutorial_and_zoo_pairs(teacher_name, student_name):
+    from kd_runner.engine import set_train_mode
+    from kd_runner.methods.registry import methods
+    from kd_runner.pipeline import build_extra
+
+    torch.manual_seed(0)
+    split = Split(torch.randint(0, 255, (40, 3, 32, 32), dtype=torch.uint8), torch.arange(40) % 10)
+    env = Env(torch.device("cpu"), Normalizer((0.5,) * 3, (0.25,) * 3), 8, 8, progress=False)
+    teacher, student = model(teacher_name), model(student_name)
+    set_train_mode(student, True)
+    for name in sorted(set(methods()) - {"ce"}):
+        cfg = OmegaConf.merge(OmegaConf.load(CONF / "method" / f"{name}.yaml"), SMALL.get(name, {}))
+        method = build_method(cfg)
+        refusal = REFUSALS.get((name, teacher_name))
+        if refusal:
+            with pytest.raises(UserError, match=refusal):
+                build_extra(method, student, teacher, split, env, 10)
+            continue
+        extra, _ = build_extra(method, student, teacher, split, env, 10)
+        served = TeacherOutputs(teacher, method.teacher_taps, env, split, "live", reduce=method.reduce_teacher)
+        idx = torch.arange(8)
+        x = env.prepare(split.images[idx])
+        student.zero_grad()
+        with Taps(student, method.student_taps, "student") as taps:
+            logits = student(x)
+            losses = method.loss(Outputs(logits, taps.take()), served(idx, x), Batch.of(split.labels[idx], 30.0),
+                                 extra)
+        losses["total"].backward()
+        assert torch.isfinite(losses["total"]), name
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        assert grads and any(float(g.abs().sum()) > 0 for g in grads), name
