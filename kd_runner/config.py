@@ -145,9 +145,12 @@ def validate(cfg: DictConfig) -> Trainer:
     return trainer
 
 
-def _teacher_output_mode(requested: str, student_augment: Augment | None, method: Method | None = None) -> str:
-    """Cache teacher outputs unless the student's views are random: then the teacher must see the same view
-    (live, or ``views``: opt-in, logits of every crop/flip view computed once and looked up per sample)."""
+def _teacher_output_mode(requested: str, student_augment: Augment | None, method: Method | None = None,
+                         student_epochs: int = 0) -> str:
+    """Cache teacher outputs unless the student's views are random: then the teacher must see the same view:
+    ``views`` (logits of every crop/flip view computed once, looked up per sample) when the student trains for more
+    epochs than there are views and the method reads logits only (V teacher passes instead of one per epoch: it
+    pays, see benchmarks/teacher_views.py), else ``live``."""
     if requested == "cache" and student_augment is not None:
         raise UserError("trainer.teacher_outputs=cache with a randomly augmented student would distill from "
                         "views the student never sees; use auto, live or views, or drop 'student' from "
@@ -163,7 +166,10 @@ def _teacher_output_mode(requested: str, student_augment: Augment | None, method
                             f"layers {taps}; use live")
     if requested != "auto":
         return requested
-    return "live" if student_augment is not None else "cache"
+    if student_augment is None:
+        return "cache"
+    logits_only = method is not None and not list(method.teacher_taps)
+    return "views" if logits_only and student_epochs > student_augment.num_views else "live"
 
 
 def preflight(cfg: DictConfig) -> tuple[Trainer, Method, dict[str, Augment | None], str | None]:
@@ -173,6 +179,6 @@ def preflight(cfg: DictConfig) -> tuple[Trainer, Method, dict[str, Augment | Non
 
     method = build_method(cfg.method)
     augments = phase_augments(cfg.augment)
-    outputs_mode = (_teacher_output_mode(trainer.teacher_outputs, augments["student"], method)
+    outputs_mode = (_teacher_output_mode(trainer.teacher_outputs, augments["student"], method, trainer.student_epochs)
                     if method.needs_teacher else None)
     return trainer, method, augments, outputs_mode

@@ -69,3 +69,17 @@ def test_teacher_output_mode_follows_the_students_views(phases, mode, tmp_path):
 def test_cached_teacher_outputs_with_random_student_views_is_refused(tmp_path):
     proc, run_dir = helpers.run_cli(["augment.crop_padding=1", "trainer.teacher_outputs=cache"], tmp_path)
     helpers.assert_user_error(proc, run_dir, "teacher_outputs=cache")
+
+
+def test_auto_picks_the_view_cache_only_when_it_pays():
+    """auto: views when the student trains more epochs than there are views and only logits are read."""
+    from kd_runner.config import _teacher_output_mode
+    from kd_runner.methods.hint import Hint
+    from kd_runner.methods.kd import KD
+
+    recipe = Augment(4, True)  # 162 views
+    assert _teacher_output_mode("auto", recipe, KD(), student_epochs=240) == "views"
+    assert _teacher_output_mode("auto", recipe, KD(), student_epochs=162) == "live"
+    assert _teacher_output_mode("auto", recipe, Hint(), student_epochs=240) == "live"  # reads teacher layers
+    assert _teacher_output_mode("auto", None, KD(), student_epochs=240) == "cache"
+    assert _teacher_output_mode("live", recipe, KD(), student_epochs=240) == "live"
