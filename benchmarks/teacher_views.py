@@ -49,7 +49,8 @@ def measure(args: argparse.Namespace) -> dict:
     cache_dir = os.environ.get("KD_CACHE_DIR", "outputs/.cache")
     overrides = [f"experiment={args.pair}", "dataset=cifar10", f"dataset.train_subset={args.images}",
                  "dataset.test_subset=100", "dataset.val_fraction=0", f"paths.data_dir={data_dir}",
-                 f"paths.cache_dir={cache_dir}", f"trainer.device={args.device}", "trainer.progress=false"]
+                 f"paths.cache_dir={cache_dir}", f"trainer.device={args.device}", "trainer.progress=false",
+                 *args.overrides]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     trainer, method, augments, _ = preflight(cfg)
@@ -67,14 +68,14 @@ def measure(args: argparse.Namespace) -> dict:
     augment = augments["student"]
     n, views = len(data.train), augment.num_views
     out: dict = {"pair": args.pair, "images": n, "views": views, "device": str(device),
-                 "threads": torch.get_num_threads()}
+                 "threads": torch.get_num_threads(), "views_batch": TeacherOutputs.views_batch_size(env)}
 
     live = TeacherOutputs(teacher, method.teacher_taps, env, data.train, "live", reduce=method.reduce_teacher)
     # c_fwd: the teacher forward as the cache pass runs it (eval batches, inference mode), one view per image
     for _ in range(2):
         sync(device)
         t0 = time.perf_counter()
-        for _, xb, _ in env.batches(data.train, env.eval_batch_size, shuffle=False):
+        for _, xb, _ in env.batches(data.train, TeacherOutputs.views_batch_size(env), shuffle=False):
             live._forward(env.prepare(augment.view(xb.to(device), 0)))
         sync(device)
         out["c_fwd"] = (time.perf_counter() - t0) / n
@@ -111,11 +112,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("overrides", nargs="*", help="more kd-train overrides, e.g. trainer.eval_batch_size=64")
     ap.add_argument("--project-epochs", type=int, default=240, help="epochs for the projection (the recipe: 240)")
     r = measure(ap.parse_args())
     us = 1e6
     print(f"{r['pair']}: {r['images']} CIFAR-10 images, {r['views']} views/image, {r['device']}, "
-          f"{r['threads']} threads")
+          f"{r['threads']} threads, cache pass in batches of {r['views_batch']}")
     print("| cost per image | us |\n|---|---:|")
     print(f"| teacher forward, cache pass (c_fwd) | {r['c_fwd'] * us:.0f} |")
     print(f"| KD step, teacher live (c_live) | {r['c_live'] * us:.0f} |")

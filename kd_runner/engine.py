@@ -129,6 +129,12 @@ class TeacherOutputs:
         return 4 * n * per_sample
 
     @staticmethod
+    def views_batch_size(env: Env) -> int:
+        """Batch of the views pass: ``eval_batch_size`` on a GPU; the training batch on a CPU, where a large
+        batch's activations spill out of cache (resnet32x4: 25 ms per image at 512, 17 ms at 64)."""
+        return env.eval_batch_size if env.device.type == "cuda" else env.batch_size
+
+    @staticmethod
     def views_cache_bytes(n: int, views: int, classes: int) -> int:
         """Memory the ``views`` cache takes: float32 logits for ``views`` views of ``n`` samples."""
         return 4 * n * views * classes
@@ -156,7 +162,7 @@ class TeacherOutputs:
         Each batch is loaded once and run through the teacher once per view; the cache is allocated
         outside inference mode, so losses may save lookups from it for backward."""
         cache: Tensor | None = None
-        for idx, xb, _ in self.env.batches(split, self.env.eval_batch_size, shuffle=False):
+        for idx, xb, _ in self.env.batches(split, self.views_batch_size(self.env), shuffle=False):
             xb = xb.to(self.env.device, non_blocking=True)
             rows = idx.to(where)
             for v in range(augment.num_views):

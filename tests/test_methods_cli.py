@@ -69,3 +69,17 @@ def test_methods_needing_options_on_tiny_data_run_composed_with_kd(run_cli, tmp_
     check_run(run_dir, f"{name}+kd")
     student = [r for r in helpers.read_metrics(run_dir) if r["phase"] == "student"]
     assert all(float(r["train_kd.soft"]) > 0 for r in student)
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["method=crd"], ["method.nce_k=16384", "training split", "valid"]),  # memory bank larger than the data
+    (["method=at", "method.student_layers=[stage1,nope]"], ["'nope'", "stage1", ":input"]),
+    (["method=dkd", "method.beta=-1"], ["method.beta=-1", ">= 0"]),
+    (["method=ofd", "teacher=deep_nn", "student=light_nn"], ["BatchNorm"]),
+    (["method=reviewkd", "teacher=vgg8"], ["layers", "same number"]),
+    (["method=kd+at+nosuch"], ["'nosuch' is not a known option"]),
+])
+def test_bad_method_values_end_in_one_line_before_training(run_cli, tmp_path, args, needles):
+    proc, run_dir = run_cli([*PAIR, *args], tmp_path)
+    helpers.assert_user_error(proc, run_dir, *needles)
+    assert not list(run_dir.glob("checkpoints/*.pt"))

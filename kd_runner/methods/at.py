@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_runner.errors import UserError
 from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, nonneg, positive
 
 
@@ -58,12 +57,7 @@ class AT(LayerListMethod):
 
     def extra_modules(self, setup: Setup) -> nn.Module:
         self._teacher_grid = {}
-        for s, t in zip(self.student_layers, self.teacher_layers, strict=True):
-            s_shape, t_shape = tuple(setup.student_shapes[s]), tuple(setup.teacher_shapes[t])
-            if len(s_shape) != 4 or len(t_shape) != 4:
-                raise UserError(
-                    f"method=at: student layer {s!r} output {s_shape[1:]} and teacher layer {t!r} output "
-                    f"{t_shape[1:]} must both be conv feature maps (C, H, W); tap conv layers (e.g. stages)")
+        for t, (s_shape, t_shape) in zip(self.teacher_layers, self.map_shapes(setup), strict=True):
             grid = common_grid(s_shape, t_shape)
             # a teacher layer paired with student maps of two different grids keeps its raw map
             self._teacher_grid[t] = grid if self._teacher_grid.get(t, grid) == grid else None

@@ -138,6 +138,17 @@ class LayerListMethod(Method):
                     f"{len(self.teacher_layers)} teacher layers {self.teacher_layers}; give method.student_layers "
                     "and method.teacher_layers the same number of layers")
 
+    def map_shapes(self, setup: Setup, hint: str = "tap conv layers (e.g. stages)") -> list[tuple[tuple, tuple]]:
+        """(student shape, teacher shape) of each layer pair; both must be conv maps (N, C, H, W)."""
+        out = []
+        for s, t in zip(self.student_layers, self.teacher_layers, strict=True):
+            s_shape, t_shape = tuple(setup.student_shapes[s]), tuple(setup.teacher_shapes[t])
+            if len(s_shape) != 4 or len(t_shape) != 4:
+                raise UserError(f"method={self.name}: student layer {s!r} output {s_shape[1:]} and teacher layer "
+                                f"{t!r} output {t_shape[1:]} must both be conv feature maps (C, H, W); {hint}")
+            out.append((s_shape, t_shape))
+        return out
+
     def pairs(self, student: Outputs, teacher: Outputs) -> list[tuple[Tensor, Tensor]]:
         """(student map, teacher map) per layer pair, in order."""
         names = zip(self.student_layers, self.teacher_layers, strict=True)

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_runner.errors import UserError
 from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, nonneg
 
 
@@ -55,12 +54,7 @@ class NST(LayerListMethod):
         self.feat_weight = nonneg("feat_weight", feat_weight)
 
     def extra_modules(self, setup: Setup) -> nn.Module:
-        for s, t in zip(self.student_layers, self.teacher_layers, strict=True):
-            s_shape, t_shape = tuple(setup.student_shapes[s]), tuple(setup.teacher_shapes[t])
-            if len(s_shape) != 4 or len(t_shape) != 4:
-                raise UserError(
-                    f"method=nst: student layer {s!r} output {s_shape[1:]} and teacher layer {t!r} output "
-                    f"{t_shape[1:]} must both be conv feature maps (C, H, W); tap conv layers (e.g. stages)")
+        self.map_shapes(setup)
         return nn.ModuleDict()
 
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:

@@ -173,11 +173,8 @@ class OFD(LayerListMethod):
             self.margin_layers = [self._batchnorm_for(setup.teacher, t) for t in self.teacher_layers]
         modules = dict(setup.teacher.named_modules())
         connectors, margins = [], []
-        for s_name, t_name, bn_name in zip(self.student_layers, self.teacher_layers, self.margin_layers, strict=True):
-            s, t = tuple(setup.student_shapes[s_name]), tuple(setup.teacher_shapes[t_name])
-            if len(s) != 4 or len(t) != 4:
-                raise UserError(f"method=ofd: student layer {s_name!r} {s[1:]} and teacher layer {t_name!r} {t[1:]} "
-                                "must both be conv feature maps (C, H, W); tap pre-ReLU stages (preact_stages)")
+        shapes = self.map_shapes(setup, "tap pre-ReLU stages (preact_stages)")
+        for t_name, bn_name, (s, t) in zip(self.teacher_layers, self.margin_layers, shapes, strict=True):
             bn = modules[bn_name]
             if bn.num_features != t[1] or not bn.affine:
                 raise UserError(
