@@ -24,6 +24,7 @@ from kd_runner.methods.base import Method, Setup
 from kd_runner.methods.ce import CE
 from kd_runner.model_store import baseline_key, load_or_train, teacher_key
 from kd_runner.models import build_model
+from kd_runner.output_store import load_or_compute, outputs_key
 from kd_runner.step import graphs_reason
 from kd_runner.utils import (
     atomic_write_text,
@@ -119,8 +120,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     student = copy.deepcopy(student_init)
     t_out = None
     if teacher is not None:
-        t_out = TeacherOutputs(teacher, method.teacher_taps, env, data.train, outputs_mode,
-                               augment=augments["student"], cache_device=cache_device, reduce=method.reduce_teacher)
+        t_out, stored = _teacher_outputs(cfg, trainer, method, teacher, data, env, outputs_mode, augments["student"],
+                                         cache_device)
+        if stored:
+            teacher_info["outputs_store"] = stored
         teacher_info["outputs"] = outputs_mode
         if outputs_mode == "views":
             n_views = augments["student"].num_views
@@ -147,6 +150,29 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     shutil.rmtree(state_dir, ignore_errors=True)  # the report is complete: resume state is no longer needed
     data.close()
     return rep
+
+
+def _teacher_outputs(cfg: DictConfig, trainer: Trainer, method: Method, teacher: nn.Module, data: DataBundle,
+                     env: Env, mode: str, augment: Augment | None,
+                     cache_device: torch.device | None) -> tuple[TeacherOutputs, dict | None]:
+    """The teacher's outputs for the student phase; logits-only caches come from (and go to) the output store,
+    so a sweep over methods and T runs the teacher pass once (``trainer.teacher_cache=false`` turns it off)."""
+
+    def build(precomputed: torch.Tensor | None = None) -> TeacherOutputs:
+        return TeacherOutputs(teacher, method.teacher_taps, env, data.train, mode, augment=augment,
+                              cache_device=cache_device, reduce=method.reduce_teacher, precomputed=precomputed)
+
+    if mode not in ("cache", "views") or method.teacher_taps or not trainer.teacher_cache:
+        return build(), None
+    key = outputs_key(teacher, data.fingerprint, mode, augment, env.compute.describe(), env.device.type)
+    built: dict[str, TeacherOutputs] = {}
+
+    def compute(stored: torch.Tensor | None) -> torch.Tensor:
+        built["outputs"] = build(stored)
+        return built["outputs"].cache.logits
+
+    _, info = load_or_compute(store_root(cfg, "teacher_outputs"), key, compute, cache_device or env.device)
+    return built["outputs"], info
 
 
 def student_optimizer(cfg: DictConfig) -> DictConfig:

@@ -1,0 +1,82 @@
+"""Teacher outputs stored like teachers: the frozen teacher's logits over the training split (fixed views) or over
+every crop/flip view (the view table), computed once and shared by every later job of a sweep and every later run.
+
+Keyed by the teacher's weights (however it was obtained: trained, stored, a checkpoint), the training data, the
+mode and views, the compute path that produced the numbers (device type, autocast, memory format) and the training
+code; ``<cache_dir>/teacher_outputs/<key>/outputs.pt`` plus ``meta.json`` with its size and sha256. A jobs racing
+for one key wait on its lock and load what the first one wrote; a corrupt entry is set aside and recomputed.
+Only logits are stored: tapped feature maps depend on the method that reads (and reduces) them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from kd_runner.model_store import ModelStore, _file_digest, _major_minor
+from kd_runner.utils import code_hash, stable_hash, weights_hash
+
+OUTPUTS_FILE = "outputs.pt"
+
+
+def outputs_key(teacher: nn.Module, data_fingerprint: dict, mode: str, augment, compute: dict,
+                device_type: str) -> tuple[str, dict]:
+    """``(hash, the dict it hashes)`` of the logits ``teacher`` gives over the training split in ``mode``."""
+    material = {"teacher_weights": weights_hash(teacher), "data": data_fingerprint, "mode": mode,
+                "views": repr(augment) if mode == "views" else None, "compute": compute, "device": device_type,
+                "versions": {"torch": _major_minor(torch.__version__), "kd_runner_code": code_hash()}}
+    return stable_hash(material), material
+
+
+def _load(store: ModelStore, key: str, where: torch.device) -> Tensor | None:
+    """The stored logits, or None when absent; a present entry that fails its checks is set aside."""
+    folder = store.entry_dir(key)
+    path = folder / OUTPUTS_FILE
+    if not folder.exists():
+        return None
+    want = store.read_meta(key).get("files", {}).get(OUTPUTS_FILE)
+    reason = None
+    if not path.is_file() or not isinstance(want, dict):
+        reason = f"{OUTPUTS_FILE} or its record is missing"
+    elif _file_digest(path) != {"size": want.get("size"), "sha256": want.get("sha256")}:
+        reason = f"{OUTPUTS_FILE} differs from the size/sha256 written"
+    else:
+        try:
+            logits = torch.load(path, map_location=where, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is a corrupt entry
+            logits, reason = None, f"{OUTPUTS_FILE} does not load ({type(err).__name__})"
+        if isinstance(logits, Tensor):
+            return logits
+        reason = reason or f"{OUTPUTS_FILE} holds no tensor"
+    aside = store.set_aside(key)
+    print(f"kd-train: stored teacher outputs {key} are corrupt ({reason}); set aside to {aside}; recomputing",
+          file=sys.stderr, flush=True)
+    return None
+
+
+def load_or_compute(root: Path, key: tuple[str, dict], compute: Callable[[Tensor | None], Tensor],
+                    where: torch.device) -> tuple[Tensor, dict]:
+    """``compute(stored logits or None)`` under the key's lock; store what it returns when nothing was stored.
+
+    Returns ``(logits, info)``; ``info["source"]`` is ``store`` or ``computed``."""
+    key, material = key
+    store = ModelStore(root)
+    with store.locked(key):
+        stored = _load(store, key, where)
+        logits = compute(stored)
+        info = {"source": "store" if stored is not None else "computed", "key": key}
+        if stored is None:
+            folder = store.entry_dir(key)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{OUTPUTS_FILE}.{os.getpid()}.tmp"
+            torch.save(logits.detach().cpu().contiguous(), tmp)
+            store.write_meta(key, {"files": {OUTPUTS_FILE: _file_digest(tmp)}, "key_material": material,
+                                   "shape": list(logits.shape)})
+            os.replace(tmp, folder / OUTPUTS_FILE)
+        info["path"] = str((store.entry_dir(key) / OUTPUTS_FILE).resolve())
+    return logits, info
