@@ -28,8 +28,9 @@ def _empty_dir(base: Path) -> Path:
 
 # id -> (overrides, strings the error line must contain, True when the error happens inside the run)
 # "{x}" in an override or needle is filled from SETUP[id](base) (a file or folder the case needs)
+METHOD_OPTIONS = ", ".join(sorted(p.stem for p in (CONF / "method").glob("*.yaml")))  # the group's options
 CASES: dict[str, tuple[list[str], list[str], bool]] = {
-    "unknown_method": (["method=foo"], ["method='foo'", "ce, cosine, hint, kd"], False),
+    "unknown_method": (["method=foo"], ["method='foo'", f"valid: {METHOD_OPTIONS}"], False),
     "unknown_experiment": (["experiment=mnist_hintn"], ["'mnist_hintn'", "mnist_hinton"], False),
     "T_zero": (["method.T=0"], ["method.T=0", "> 0"], True),
     "negative_soft_weight": (["method.soft_weight=-0.5"], ["method.soft_weight=-0.5"], True),

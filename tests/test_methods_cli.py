@@ -73,7 +73,8 @@ def test_methods_needing_options_on_tiny_data_run_composed_with_kd(run_cli, tmp_
 
 @pytest.mark.parametrize(("args", "needles"), [
     (["method=crd"], ["method.nce_k=16384", "training split", "valid"]),  # memory bank larger than the data
-    (["method=at", "method.student_layers=[stage1,nope]"], ["'nope'", "stage1", ":input"]),
+    (["method=at", "method.student_layers=[stage1,stage2,nope]"], ["'nope'", "stage1", ":input"]),
+    (["method=at", "method.student_layers=[stage1]"], ["1 student layers", "3 teacher layers"]),
     (["method=dkd", "method.beta=-1"], ["method.beta=-1", ">= 0"]),
     (["method=ofd", "teacher=deep_nn", "student=light_nn"], ["BatchNorm"]),
     (["method=reviewkd", "teacher=vgg8"], ["layers", "same number"]),
