@@ -293,10 +293,11 @@ def check_entry(folder: Path) -> tuple[str, str]:
     return status, reason
 
 
-def _verify(folder: Path) -> tuple[str, str, dict]:
-    """:func:`check_entry`'s ``(status, reason)`` plus the entry's meta (``{}`` when unreadable)."""
+def _verify(folder: Path, main: str = MODEL_FILE) -> tuple[str, str, dict]:
+    """:func:`check_entry`'s ``(status, reason)`` plus the entry's meta (``{}`` when unreadable); ``main`` is the
+    file the entry exists for (``model.pt``; the output store's ``outputs.pt``)."""
     folder = Path(folder)
-    model_pt, meta_path = folder / MODEL_FILE, folder / META_FILE
+    model_pt, meta_path = folder / main, folder / META_FILE
     if not model_pt.exists() and not meta_path.exists():
         return "absent", "nothing stored", {}
     if not meta_path.is_file():
@@ -305,11 +306,11 @@ def _verify(folder: Path) -> tuple[str, str, dict]:
     if not meta:
         return "corrupt", f"{META_FILE} is unreadable", meta
     if not model_pt.is_file():
-        return "corrupt", f"{MODEL_FILE} is missing", meta
+        return "corrupt", f"{main} is missing", meta
     files = meta.get("files")
     if files is None:
         return "unverified", "written before sizes and hashes were recorded", meta
-    if not isinstance(files, dict) or not isinstance(files.get(MODEL_FILE), dict):
+    if not isinstance(files, dict) or not isinstance(files.get(main), dict):
         return "corrupt", f"{META_FILE} has no valid file record", meta
     for name, want in files.items():
         path = folder / str(name)

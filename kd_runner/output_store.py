@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kd_runner.model_store import ModelStore, _file_digest, _major_minor
+from kd_runner.model_store import ModelStore, _file_digest, _major_minor, _verify
 from kd_runner.utils import code_hash, stable_hash, weights_hash
 
 OUTPUTS_FILE = "outputs.pt"
@@ -34,20 +34,14 @@ def outputs_key(teacher: nn.Module, data_fingerprint: dict, mode: str, augment, 
 
 
 def _load(store: ModelStore, key: str, where: torch.device) -> Tensor | None:
-    """The stored logits, or None when absent; a present entry that fails its checks is set aside."""
-    folder = store.entry_dir(key)
-    path = folder / OUTPUTS_FILE
-    if not folder.exists():
+    """The stored logits, or None when absent; an entry that fails the model store's checks (size and sha256 of
+    what meta.json recorded) or does not load as a tensor is set aside."""
+    status, reason, _ = _verify(store.entry_dir(key), OUTPUTS_FILE)
+    if status == "absent":
         return None
-    want = store.read_meta(key).get("files", {}).get(OUTPUTS_FILE)
-    reason = None
-    if not path.is_file() or not isinstance(want, dict):
-        reason = f"{OUTPUTS_FILE} or its record is missing"
-    elif _file_digest(path) != {"size": want.get("size"), "sha256": want.get("sha256")}:
-        reason = f"{OUTPUTS_FILE} differs from the size/sha256 written"
-    else:
+    if status == "ok":
         try:
-            logits = torch.load(path, map_location=where, weights_only=True)
+            logits = torch.load(store.entry_dir(key) / OUTPUTS_FILE, map_location=where, weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file is a corrupt entry
             logits, reason = None, f"{OUTPUTS_FILE} does not load ({type(err).__name__})"
         if isinstance(logits, Tensor):
