@@ -106,6 +106,10 @@ def validate(cfg: DictConfig) -> Trainer:
     for key in ("seed", "teacher_seed"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int):
             raise UserError(f"{key}={cfg[key]!r} is invalid; it must be an integer")
+    part = cfg.dataset.get("label_fraction", 1.0)
+    if isinstance(part, bool) or not isinstance(part, (int, float)) or not 0.0 < float(part) <= 1.0:
+        raise UserError(f"dataset.label_fraction={part!r} is invalid; it must be in (0, 1] (1: every training "
+                        "image labelled)")
     frac = cfg.dataset.get("val_fraction") or 0.0
     if not isinstance(frac, (int, float)) or not 0.0 <= float(frac) < 1.0:
         raise UserError(f"dataset.val_fraction={frac!r} is invalid; it must be in [0, 1)")
@@ -177,12 +181,32 @@ def _teacher_output_mode(requested: str, student_augment: Augment | None, method
     return "views" if logits_only and student_epochs > VIEWS_PAY_AFTER * student_augment.num_views else "live"
 
 
+def check_deliverables(cfg: DictConfig) -> None:
+    """Trackers (``logger``) and export: unknown names, bad settings and missing optional packages fail here,
+    before any training. Their modules load only when asked for, so a default run imports neither."""
+    logger = cfg.get("logger")
+    if logger is not None and (not OmegaConf.is_dict(logger) or set(logger.keys()) - {"csv"}):
+        from kd_runner.loggers import check_loggers
+
+        check_loggers(logger)
+    export = cfg.get("export")
+    if export is not None and str(export.get("format", "none")) != "none":
+        from kd_runner.export import check_config
+
+        check_config(export)
+
+
 def preflight(cfg: DictConfig) -> tuple[Trainer, Method, dict[str, Augment | None], str | None]:
     """Every check that needs no data: a bad value fails here, before a run touches its run dir."""
     trainer = validate(cfg)
     from kd_runner.methods.registry import build_method  # loads every method: only when a run is checked
 
     method = build_method(cfg.method)
+    if float(cfg.dataset.get("label_fraction", 1.0)) < 1.0 and method.reads_labels:
+        raise UserError(f"method={method.name} reads labels beyond its CE term, so it cannot train on unlabelled "
+                        f"images (dataset.label_fraction={cfg.dataset.label_fraction}); use a method such as kd, "
+                        "dist, hint or at, or dataset.label_fraction=1")
+    check_deliverables(cfg)
     augments = phase_augments(cfg.augment)
     outputs_mode = (_teacher_output_mode(trainer.teacher_outputs, augments["student"], method, trainer.student_epochs)
                     if method.needs_teacher else None)

@@ -309,12 +309,15 @@ def fit(
     state_path: Path | None = None,
     state_tag: str = "",
     augment: Augment | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> PhaseResult:
     """Train ``model`` (and ``extra``) with ``method`` for ``epochs``; track best-on-val weights.
 
     With ``state_path``, the full training state is saved after every epoch and a run that
     finds it continues from there, giving the same numbers as an uninterrupted run; ``state_tag``
-    (config hash, seed, phase) must match the one the state was written with.
+    (config hash, seed, phase) must match the one the state was written with. ``on_epoch`` gets each
+    epoch's metrics row as it is appended (experiment trackers); epochs replayed from a resume state are not
+    passed again.
     """
     extra = extra if extra is not None else nn.ModuleDict()
     model.to(env.device)
@@ -354,6 +357,8 @@ def fit(
             result.train_seconds += row["epoch_seconds"]
             if state_path is not None:
                 _save_state(state_path, state_tag, model, extra, optimizer, scheduler, order, result)
+            if on_epoch is not None:
+                on_epoch(row)
             if env.progress:
                 shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                                  if k not in ("phase", "epoch_seconds"))
@@ -386,8 +391,8 @@ def _train_epoch(phase: str, epoch: int, epochs: int, model: nn.Module, extra: n
         seen += y.shape[0]
         if env.progress and (i % 20 == 0 or i == n_batches - 1):
             bar.set_postfix(loss=f"{float(step.sums['total']) / seen:.4f}",
-                            acc=f"{100.0 * int(step.correct) / seen:.2f}")
+                            acc=f"{100.0 * int(step.correct) / max(1, int(step.labelled)):.2f}")
     row = {"phase": phase, "epoch": epoch, "lr": step.optimizer.param_groups[0]["lr"]}
     row.update({f"train_{k}" if k != "total" else "train_loss": float(v) / seen for k, v in step.sums.items()})
-    row["train_acc"] = 100.0 * int(step.correct) / seen
+    row["train_acc"] = 100.0 * int(step.correct) / max(1, int(step.labelled))
     return row

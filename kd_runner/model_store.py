@@ -73,9 +73,11 @@ def teacher_key(cfg: DictConfig, data_fingerprint: dict, augment=None) -> tuple[
     return stable_hash(material), material
 
 
-def baseline_key(cfg: DictConfig, data_fingerprint: dict, init_hash: str, augment=None) -> tuple[str, dict]:
+def baseline_key(cfg: DictConfig, data_fingerprint: dict, init_hash: str, augment=None,
+                 epochs: int | None = None) -> tuple[str, dict]:
     """Key of the CE baseline: same initial weights + same training = same baseline, whatever the method."""
-    material = {**_training_material(cfg, cfg.trainer.student_epochs, data_fingerprint, augment),
+    epochs = cfg.trainer.student_epochs if epochs is None else epochs
+    material = {**_training_material(cfg, epochs, data_fingerprint, augment),
                 "student": OmegaConf.to_container(cfg.student, resolve=True), "init_hash": init_hash,
                 "seed": int(cfg.seed)}
     return stable_hash(material), material

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import math
 import shutil
 import time
 from pathlib import Path
@@ -17,10 +19,11 @@ from kd_runner.config import Trainer, preflight
 from kd_runner.data import build_data
 from kd_runner.data.augment import Augment
 from kd_runner.data.cache import set_cache_dir
-from kd_runner.data.tensors import DataBundle, Normalizer, Split
+from kd_runner.data.tensors import DataBundle, Normalizer, Split, stratified_fraction
 from kd_runner.engine import Env, PhaseResult, TeacherOutputs, check_state_tag, fit, predict_accuracy, probe_taps
 from kd_runner.errors import UserError
-from kd_runner.methods.base import Method, Setup
+from kd_runner.loggers import Trackers, build_trackers
+from kd_runner.methods.base import IGNORE, Method, Setup
 from kd_runner.methods.ce import CE
 from kd_runner.model_store import baseline_key, load_or_train, teacher_key
 from kd_runner.models import build_model
@@ -42,9 +45,28 @@ SEED_TEACHER, SEED_STUDENT_INIT, SEED_EXTRA, SEED_TRAIN = "teacher_init", "stude
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run every phase for ``cfg``; write checkpoints and reports into ``run_dir``; return the report."""
+    """Run every phase for ``cfg``; write checkpoints and reports into ``run_dir``; return the report.
+
+    The experiment trackers (``logger``) see every epoch as it ends and the report at the end; a tracker that
+    fails only warns, and they are closed however the run ends."""
     wall0 = time.perf_counter()
-    trainer, method, augments, outputs_mode = preflight(cfg)
+    checked = preflight(cfg)
+    trackers = build_trackers(cfg, run_dir)
+    status = "failed"
+    try:
+        rep = _run(cfg, run_dir, checked, trackers, wall0)
+        trackers.log_report(rep, run_dir)
+        status = "complete"
+        return rep
+    except BaseException as exc:  # not an Exception: SIGTERM/SIGINT (train.Stopped), KeyboardInterrupt
+        status = "failed" if isinstance(exc, Exception) else "stopped"
+        raise
+    finally:
+        trackers.close(status)
+
+
+def _run(cfg: DictConfig, run_dir: Path, checked: tuple, trackers: Trackers, wall0: float) -> dict:
+    trainer, method, augments, outputs_mode = checked
     seed = int(cfg.seed)
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
@@ -63,6 +85,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     no_graphs = graphs_reason(env, str(cfg.optimizer.name))
     if trainer.cuda_graphs == "on" and no_graphs is not None:
         raise UserError(f"trainer.cuda_graphs=on cannot apply: {no_graphs}; use auto or off")
+    labelled, student_train, labelled_fp = label_split(cfg, data)
     timings["data"] = time.perf_counter() - t0
 
     # Build everything before training anything: bad layer names or shapes fail in seconds.
@@ -73,13 +96,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         teacher = prepare_model(build_model(cfg.teacher, shape, classes), device, env.compute)
     seed_everything(derive_seed(seed, SEED_STUDENT_INIT))
     student_init = prepare_model(build_model(cfg.student, shape, classes), device, env.compute)
-    extra, teacher_shapes = build_extra(method, student_init, teacher, data.train, env, classes, seed)
+    extra, teacher_shapes = build_extra(method, student_init, teacher, student_train, env, classes, seed)
     outputs_note, cache_device = None, None
     if outputs_mode == "cache":  # decided now, before any training: a cache that cannot fit runs live instead
-        outputs_mode, outputs_note = fit_teacher_cache(len(data.train), classes, teacher_shapes, device,
+        outputs_mode, outputs_note = fit_teacher_cache(len(student_train), classes, teacher_shapes, device,
                                                        trainer.teacher_outputs_max_gb)
     elif outputs_mode == "views":
-        outputs_mode, outputs_note, cache_device = fit_view_cache(len(data.train), augments["student"].num_views,
+        outputs_mode, outputs_note, cache_device = fit_view_cache(len(student_train), augments["student"].num_views,
                                                                   classes, device, trainer.teacher_outputs_max_gb)
     if outputs_note:
         print(f"kd-train: {outputs_note}", flush=True)
@@ -92,26 +115,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if teacher is not None:
         t0 = time.perf_counter()
         teacher_info, res = _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, state_tag,
-                                           int(cfg.teacher_seed), augments["teacher"])
+                                           int(cfg.teacher_seed), augments["teacher"], trackers.log_epoch)
         timings["teacher"] = time.perf_counter() - t0
+        if res is not None and teacher_info.get("source") != "trained":
+            trackers.log_history(res.history)
         models["teacher"] = _evaluate("teacher", teacher, None, res, data, env, trainer, cfg.teacher, run_dir)
         histories += res.history if res else []
 
+    baseline = None
+    baseline_epochs = matched_epochs(trainer.student_epochs, len(student_train), len(labelled), trainer.batch_size)
     if teacher is not None and cfg.baseline:
         t0 = time.perf_counter()
         baseline = copy.deepcopy(student_init)
 
         def train_baseline() -> PhaseResult:
             seed_everything(derive_seed(seed, SEED_TRAIN))
-            return fit("baseline", baseline, CE(), data.train, data.val, env, epochs=trainer.student_epochs,
+            return fit("baseline", baseline, CE(), labelled, data.val, env, epochs=baseline_epochs,
                        optimizer_cfg=student_optimizer(cfg), scheduler_cfg=cfg.scheduler, seed=seed,
-                       state_path=state_dir / "baseline.pt", state_tag=state_tag, augment=augments["baseline"])
+                       state_path=state_dir / "baseline.pt", state_tag=state_tag, augment=augments["baseline"],
+                       on_epoch=trackers.log_epoch)
 
-        key = (baseline_key(student_view(cfg), data.fingerprint, init_hash, augments["baseline"])
+        key = (baseline_key(student_view(cfg), labelled_fp, init_hash, augments["baseline"], baseline_epochs)
                if trainer.baseline_cache else None)
         source, res = load_or_train(store_root(cfg, "baselines"), key, baseline, cfg.student, data, run_dir,
                                     train_baseline)
         timings["baseline"] = time.perf_counter() - t0
+        if source.get("source") != "trained":
+            trackers.log_history(res.history)
         models["baseline"] = _evaluate("baseline", baseline, None, res, data, env, trainer, cfg.student, run_dir)
         models["baseline"].update(init_hash=init_hash, source=source)
         histories += res.history
@@ -120,51 +150,58 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     student = copy.deepcopy(student_init)
     t_out = None
     if teacher is not None:
-        t_out, stored = _teacher_outputs(cfg, trainer, method, teacher, data, env, outputs_mode, augments["student"],
-                                         cache_device)
+        t_out, stored = _teacher_outputs(cfg, trainer, method, teacher, student_train, data.fingerprint, env,
+                                         outputs_mode, augments["student"], cache_device)
         if stored:
             teacher_info["outputs_store"] = stored
         teacher_info["outputs"] = outputs_mode
         if outputs_mode == "views":
             n_views = augments["student"].num_views
             teacher_info["outputs_views"] = n_views
-            teacher_info["outputs_cache_bytes"] = TeacherOutputs.views_cache_bytes(len(data.train), n_views, classes)
+            teacher_info["outputs_cache_bytes"] = TeacherOutputs.views_cache_bytes(len(student_train), n_views,
+                                                                                   classes)
             teacher_info["outputs_cache_where"] = "device" if cache_device == device else "host"
         if outputs_note:
             teacher_info["outputs_note"] = outputs_note
         teacher_info["outputs_cache_seconds"] = round(t_out.cache_seconds, 3)
     seed_everything(derive_seed(seed, SEED_TRAIN))
-    res = fit("student", student, method, data.train, data.val, env, epochs=trainer.student_epochs,
+    res = fit("student", student, method, student_train, data.val, env, epochs=trainer.student_epochs,
               optimizer_cfg=student_optimizer(cfg), scheduler_cfg=cfg.scheduler, seed=seed, teacher=t_out, extra=extra,
-              state_path=state_dir / "student.pt", state_tag=state_tag, augment=augments["student"])
+              state_path=state_dir / "student.pt", state_tag=state_tag, augment=augments["student"],
+              on_epoch=trackers.log_epoch)
     del t_out
     timings["student"] = time.perf_counter() - t0
     models["student"] = _evaluate("student", student, extra, res, data, env, trainer, cfg.student, run_dir)
     models["student"]["init_hash"] = init_hash
     histories += res.history
 
+    if str((cfg.get("export") or {}).get("format", "none")) != "none":
+        t0 = time.perf_counter()
+        trained = {"teacher": teacher, "baseline": baseline, "student": student}
+        _export(cfg, {r: m for r, m in trained.items() if m is not None}, models, data, run_dir)
+        timings["export"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - wall0
-    rep = report.write(run_dir, cfg=cfg, data=data, method=method, models=models, teacher=teacher_info,
-                       histories=histories, timings=timings, device=device,
+    rep = report.write(run_dir, cfg=cfg, data=data, labelled=len(labelled), method=method, models=models,
+                       teacher=teacher_info, histories=histories, timings=timings, device=device,
                        execution=run_paths(env, data, models_built, str(cfg.optimizer.name), allocator))
     shutil.rmtree(state_dir, ignore_errors=True)  # the report is complete: resume state is no longer needed
     data.close()
     return rep
 
 
-def _teacher_outputs(cfg: DictConfig, trainer: Trainer, method: Method, teacher: nn.Module, data: DataBundle,
-                     env: Env, mode: str, augment: Augment | None,
+def _teacher_outputs(cfg: DictConfig, trainer: Trainer, method: Method, teacher: nn.Module, train: Split,
+                     fingerprint: dict, env: Env, mode: str, augment: Augment | None,
                      cache_device: torch.device | None) -> tuple[TeacherOutputs, dict | None]:
     """The teacher's outputs for the student phase; logits-only caches come from (and go to) the output store,
     so a sweep over methods and T runs the teacher pass once (``trainer.teacher_cache=false`` turns it off)."""
 
     def build(precomputed: torch.Tensor | None = None) -> TeacherOutputs:
-        return TeacherOutputs(teacher, method.teacher_taps, env, data.train, mode, augment=augment,
+        return TeacherOutputs(teacher, method.teacher_taps, env, train, mode, augment=augment,
                               cache_device=cache_device, reduce=method.reduce_teacher, precomputed=precomputed)
 
     if mode not in ("cache", "views") or method.teacher_taps or not trainer.teacher_cache:
         return build(), None
-    key = outputs_key(teacher, data.fingerprint, mode, augment, env.compute.describe(), env.device.type)
+    key = outputs_key(teacher, fingerprint, mode, augment, env.compute.describe(), env.device.type)
     built: dict[str, TeacherOutputs] = {}
 
     def compute(stored: torch.Tensor | None) -> torch.Tensor:
@@ -173,6 +210,44 @@ def _teacher_outputs(cfg: DictConfig, trainer: Trainer, method: Method, teacher:
 
     _, info = load_or_compute(store_root(cfg, "teacher_outputs"), key, compute, cache_device or env.device)
     return built["outputs"], info
+
+
+def _export(cfg: DictConfig, trained: dict[str, nn.Module], models: dict[str, dict], data: DataBundle,
+            run_dir: Path) -> None:
+    """``export=onnx|torchscript``: deployable models under ``run_dir/export``, verified against PyTorch on the test
+    split and timed on CPU; each role's figures go into its report entry (``models.<role>.export``)."""
+    from kd_runner.export import export_models
+
+    exported = export_models(trained, cfg.export, run_dir / "export", data.test, data.mean, data.std, data.classes)
+    for role, info in exported.items():
+        models[role]["export"] = info
+
+
+def label_split(cfg: DictConfig, data: DataBundle) -> tuple[Split, Split, dict]:
+    """``(labelled, student_train, labelled_fingerprint)`` under ``dataset.label_fraction``.
+
+    1 (default but on digits): both are ``data.train``. Below 1, a class-balanced fraction of the training images
+    keeps its labels (drawn with ``dataset.split_seed``: the same images for every seed and method of a sweep): the
+    CE baseline trains on those alone (CE has nothing to learn from an unlabelled image), the distilled student on
+    every training image, the rest labelled ``IGNORE``: CE on the labelled ones, the teacher's outputs on all
+    (Hinton et al. 2015: the transfer set may be unlabelled). The teacher trains on all labels: it stands for a
+    model trained where labels were plentiful. The fingerprint keys the baseline store."""
+    fraction = float(cfg.dataset.get("label_fraction", 1.0))
+    if fraction >= 1.0:
+        return data.train, data.train, data.fingerprint
+    idx = stratified_fraction(data.train.labels, fraction, int(cfg.dataset.get("split_seed", 0)))
+    labels = torch.full_like(data.train.labels, IGNORE)
+    labels[idx] = data.train.labels[idx]
+    digest = hashlib.sha256(idx.numpy().tobytes()).hexdigest()[:16]
+    return (data.train.subset(idx), data.train.with_labels(labels),
+            {**data.fingerprint, "labelled": len(idx), "labelled_subset": digest})
+
+
+def matched_epochs(epochs: int, n_student: int, n_labelled: int, batch_size: int) -> int:
+    """Epochs over the labelled images that give the baseline as many optimizer steps as the student takes in
+    ``epochs`` over all of them, so a KD gain is never a gain of more steps."""
+    steps = epochs * math.ceil(n_student / batch_size)
+    return max(epochs, math.ceil(steps / math.ceil(n_labelled / batch_size)))
 
 
 def student_optimizer(cfg: DictConfig) -> DictConfig:
@@ -278,7 +353,7 @@ def build_extra(method: Method, student: nn.Module, teacher: nn.Module | None, t
 
 
 def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, state_tag: str, seed,
-                   augment: Augment | None) -> tuple[dict, PhaseResult | None]:
+                   augment: Augment | None, on_epoch=None) -> tuple[dict, PhaseResult | None]:
     """Teacher from an explicit checkpoint, from the content-addressed store, or trained (and stored)."""
     ckpt = cfg.teacher.get("checkpoint")
     if ckpt:
@@ -290,7 +365,7 @@ def _teacher_phase(cfg, teacher, data, env, trainer, run_dir, state_dir, state_t
         seed_everything(derive_seed(seed, SEED_TRAIN))
         return fit("teacher", teacher, CE(), data.train, data.val, env, epochs=trainer.teacher_epochs,
                    optimizer_cfg=cfg.optimizer, scheduler_cfg=cfg.scheduler, seed=seed,
-                   state_path=state_dir / "teacher.pt", state_tag=state_tag, augment=augment)
+                   state_path=state_dir / "teacher.pt", state_tag=state_tag, augment=augment, on_epoch=on_epoch)
 
     key = teacher_key(cfg, data.fingerprint, augment) if trainer.teacher_cache else None
     return load_or_train(store_root(cfg, "teachers"), key, teacher, cfg.teacher, data, run_dir, train_teacher)

@@ -19,8 +19,9 @@ from kd_runner.methods.base import Method
 from kd_runner.utils import DATASET_LOCATION_KEYS, atomic_write_text, save_figure, stable_hash
 
 ROLES = ("teacher", "baseline", "student")
-# keys that say where things are or how loud the run is, not what it computes
-HASH_EXCLUDED = ("paths", "overwrite")
+# keys that say where things are, how loud the run is, where it is tracked or how it is delivered, not what it
+# computes: a rerun with another logger resumes, and one that only adds export=... finds the run complete
+HASH_EXCLUDED = ("paths", "overwrite", "logger", "export")
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -58,8 +59,9 @@ def _gain(models: dict, key: str) -> float | None:
     return None if s is None or b is None else round(s - b, 4)
 
 
-def write(run_dir: Path, *, cfg: DictConfig, data: DataBundle, method: Method, models: dict, teacher: dict,
-          histories: list[dict], timings: dict, device: torch.device, execution: dict | None = None) -> dict:
+def write(run_dir: Path, *, cfg: DictConfig, data: DataBundle, labelled: int | None = None, method: Method,
+          models: dict, teacher: dict, histories: list[dict], timings: dict, device: torch.device,
+          execution: dict | None = None) -> dict:
     """Write every report file; report.json goes last so its presence means the run completed."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rep = {
@@ -76,6 +78,7 @@ def write(run_dir: Path, *, cfg: DictConfig, data: DataBundle, method: Method, m
         "config_hash": config_hash(cfg),
         "dataset": {"name": data.name, "source": data.source, "train": len(data.train),
                     "val": len(data.val) if data.val is not None else 0, "test": len(data.test),
+                    "labelled": len(data.train) if labelled is None else labelled,
                     "num_classes": data.num_classes, "input_shape": list(data.input_shape()),
                     "mean": data.mean, "std": data.std},
         "method": {"name": method.name, **method.describe()},
@@ -170,7 +173,9 @@ def markdown(rep: dict) -> str:
                      + (f" ({rep['teacher']['path']})" if rep["teacher"].get("path") else "")
                      + f"; outputs for the student: {rep['teacher'].get('outputs')}")
     d = rep["dataset"]
-    lines.append(f"- data: {d['source']}; train {d['train']}, val {d['val']}, test {d['test']}, "
+    part = (f" ({d['labelled']} labelled: the baseline trains on those, the student on all with the teacher's "
+            "outputs)" if d.get("labelled") not in (None, d["train"]) else "")
+    lines.append(f"- data: {d['source']}; train {d['train']}{part}, val {d['val']}, test {d['test']}, "
                  f"input {d['input_shape']}")
     lines.append(f"- method: {json.dumps(rep['method'])}")
     if rep.get("execution"):
@@ -178,6 +183,10 @@ def markdown(rep: dict) -> str:
     lines.append("- wall time per phase (s): " + ", ".join(f"{k} {v:.1f}" for k, v in rep["phase_seconds"].items()))
     lines.append(f"- device: {rep['device']} ({rep['device_name']}); versions: {json.dumps(rep['versions'])}")
     lines.append(f"- config hash: {rep['config_hash']}; command: `{rep['command']}`")
+    if any("export" in m for m in rep["models"].values()):
+        from kd_runner.export import markdown_lines
+
+        lines += ["", "## Deployable models (CPU)", "", *markdown_lines(rep)]
     return "\n".join(lines) + "\n"
 
 
@@ -187,5 +196,15 @@ def console_table(rep: dict) -> str:
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
     out.insert(1, "  ".join("-" * w for w in widths))
     if rep["kd_gain_points"] is not None:
-        out.append(f"KD gain: {rep['kd_gain_points']:+.2f} points (student {rep['method']['name']} vs CE baseline)")
+        d = rep["dataset"]
+        if d.get("labelled", d["train"]) < d["train"]:
+            same = (f"same initial weights, as many optimizer steps; the twin learns from the {d['labelled']} labelled "
+                    f"training images, the student also from the teacher's outputs on the other "
+                    f"{d['train'] - d['labelled']}")
+        else:
+            same = "same initial weights, same images, same batch order; only the loss differs"
+        out += [f"KD gain: {rep['kd_gain_points']:+.2f} points: the {rep['method']['name']} student's test accuracy "
+                f"minus its CE-only twin's ({same})",
+                "One run's gain moves with the seed by about as much as the gain itself on small data; for the mean "
+                "+- std over seeds run e.g. `kd-train -m seed=0,1,2,3,4` (summary.md in the sweep dir)"]
     return "\n".join(out)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_runner.compute import to_model_format
-from kd_runner.methods.base import Batch, Method, Outputs
+from kd_runner.methods.base import IGNORE, Batch, Method, Outputs
 from kd_runner.taps import Taps
 
 # Adam/AdamW run with capturable=True (their step count lives on the GPU); SGD keeps no step count, and its
@@ -41,6 +41,7 @@ class TrainStep:
         self.graphs = graphs
         self.sums: dict[str, Tensor] = {}
         self.correct = torch.zeros((), dtype=torch.long, device=env.device)
+        self.labelled = torch.zeros((), dtype=torch.long, device=env.device)  # train_acc counts labelled images
         self.epoch = torch.zeros((), device=env.device)  # read by methods through Batch.epoch, also when replayed
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_lr: list[float] | None = None
@@ -54,6 +55,7 @@ class TrainStep:
         for v in self.sums.values():
             v.zero_()
         self.correct.zero_()
+        self.labelled.zero_()
         self.epoch.fill_(float(epoch))
 
     def _math(self, idx: Tensor, xb: Tensor, y: Tensor, views: Tensor | None = None) -> None:
@@ -73,6 +75,7 @@ class TrainStep:
                 self.sums[k] = torch.zeros((), device=env.device)
             self.sums[k].add_(v.detach().float() * n)
         self.correct.add_((logits.detach().argmax(1) == y).sum())
+        self.labelled.add_((y != IGNORE).sum())
 
     def __call__(self, idx: Tensor, xb: Tensor, y: Tensor, full: bool, views: Tensor | None = None) -> None:
         lr = [g["lr"] for g in self.optimizer.param_groups]

@@ -1,6 +1,8 @@
 """Summarise a sweep: one row per job, mean +- std over seeds per setting, plots vs the swept values.
 
-Used by ``kd-summarize DIR`` and, after every multirun, by :class:`SummaryCallback`.
+Used by ``kd-summarize DIR`` and, after every multirun, by :class:`SummaryCallback`. Writes summary.csv,
+summary_groups.csv, summary.md, the plots and summary.html (one self-contained page: sortable tables, plots
+inline, links to each job's report; rendered by :mod:`kd_runner.summary_html`) into the sweep dir.
 
 Every job of a multirun records how it ended in ``<sweep_dir>/.kd-jobs/<num>.json`` (written by the job,
 wherever it runs: this process, a joblib worker, a Slurm node). The records of the last multirun into a
@@ -35,6 +37,16 @@ JOBS_DIR = ".kd-jobs"
 DONE = ("complete", "skipped")  # job record statuses that leave a complete report.json
 # the multirun under way in this process (set when it starts): kd-train reads its job records when it ends
 ACTIVE_SWEEP: dict[str, Path] = {}
+# deployable-model figures per job, from report.json's models.<role>.export (kd_runner/export.py):
+# (column, role, export key, header with {rt} for the runtime, format spec); shown only when a job has them
+EXPORT_COLUMNS = (
+    ("student_export_acc", "student", "test_acc", "student {rt} acc", ".2f"),
+    ("student_export_ms", "student", "latency_ms", "student ms (bs1)", ".3f"),
+    ("teacher_export_ms", "teacher", "latency_ms", "teacher ms (bs1)", ".3f"),
+    ("student_export_ips", "student", "throughput_ips", "student img/s (bs64)", ".0f"),
+    ("teacher_export_ips", "teacher", "throughput_ips", "teacher img/s (bs64)", ".0f"),
+)
+RUNTIME_NAMES = {"onnx": "ort", "torchscript": "torchscript"}
 
 
 # --------------------------------------------------------------------------- job records
@@ -165,12 +177,32 @@ def _overrides(job_dir: Path, rep: dict) -> dict[str, str]:
     return found if found is not None else (_hydra_overrides(job_dir) or {})
 
 
+def _exports(rep: dict) -> dict[str, dict]:
+    """``{role: models.<role>.export}`` for the roles that were exported; a malformed entry is left out
+    (the accuracies still summarise), a non-numeric figure in one reads as absent."""
+    models = rep.get("models")
+    out = {}
+    for role, info in (models.items() if isinstance(models, dict) else ()):
+        entry = info.get("export") if isinstance(info, dict) else None
+        if isinstance(entry, dict):
+            out[role] = {k: (v if k in ("format", "file", "parity") or _is_number(v) else None)
+                         for k, v in entry.items()}
+    return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _row(job: str, job_dir: Path, rep: dict) -> dict:
+    seed = rep.get("seed")
     return {
         "job": job,
         "status": "complete",
         "reason": None,
         "overrides": _overrides(job_dir, rep),
+        "seed": seed if _is_number(seed) else None,
+        "export": _exports(rep),
         "teacher_acc": _get(rep, "models.teacher.test_acc"),
         "baseline_acc": _get(rep, "models.baseline.test_acc"),
         "student_acc": _get(rep, "models.student.test_acc"),
@@ -182,8 +214,8 @@ def _row(job: str, job_dir: Path, rep: dict) -> dict:
 
 
 def _failed_row(job: str, overrides: dict[str, str], reason: str) -> dict:
-    return {"job": job, "status": "failed", "reason": reason, "overrides": overrides,
-            **dict.fromkeys(METRICS), "teacher_source": None}
+    return {"job": job, "status": "failed", "reason": reason, "overrides": overrides, "seed": overrides.get("seed"),
+            "export": {}, **dict.fromkeys(METRICS), "teacher_source": None}
 
 
 def _first_line(path: Path) -> str | None:
@@ -305,7 +337,8 @@ def _fmt(v, spec=".2f") -> str:
 
 
 def write_summary(sweep_dir: Path, current_only: bool = False, prog: str = "kd-summarize") -> dict:
-    """Write summary.csv, summary_groups.csv, summary.md and plots into ``sweep_dir``; return what was written.
+    """Write summary.csv, summary_groups.csv, summary.md, summary.html and plots into ``sweep_dir``; return what
+    was written.
 
     summary.csv has one row per job with a report (status complete, or stale when summarising by hand);
     jobs that failed are listed in summary.md and summary_failed.csv with their reason. Means, std and
@@ -324,9 +357,12 @@ def write_summary(sweep_dir: Path, current_only: bool = False, prog: str = "kd-s
     keys = _keys(listed)
     grouped = group(rows) if rows else []
     gkeys = list(grouped[0]["setting"]) if grouped else []
-    _write_csv(sweep_dir / "summary.csv", ["job", "status", *keys, *METRICS, "teacher_source", "reason"],
+    ecols = export_columns(listed)
+    _write_csv(sweep_dir / "summary.csv", ["job", "status", *keys, *METRICS, *(c[0] for c in ecols),
+                                           *(["export"] if ecols else []), "teacher_source", "reason"],
                [[r["job"], r["status"], *(r["overrides"].get(k, "") for k in keys),
-                 *(_fmt(r[m], ".4f") for m in METRICS), r["teacher_source"], r["reason"] or ""] for r in listed])
+                 *(_fmt(r[m], ".4f") for m in METRICS), *(_fmt(_export_value(r, c), ".4f") for c in ecols),
+                 *([_export_note(r)] if ecols else []), r["teacher_source"], r["reason"] or ""] for r in listed])
     _write_csv(sweep_dir / "summary_groups.csv",
                [*gkeys, "n", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std"))],
                [[*(g["setting"][k] or "" for k in gkeys), g["n"],
@@ -343,6 +379,9 @@ def write_summary(sweep_dir: Path, current_only: bool = False, prog: str = "kd-s
         if old.name not in plots:
             old.unlink(missing_ok=True)
     atomic_write_text(sweep_dir / "summary.md", _markdown(found, grouped, gkeys, plots))
+    from kd_runner import summary_html  # it imports this module's helpers: imported here, not at the top
+
+    atomic_write_text(sweep_dir / "summary.html", summary_html.render(sweep_dir, found, grouped, gkeys, plots))
     return {**found, "groups": grouped, "plots": plots}
 
 
@@ -372,14 +411,53 @@ def counts(found: dict) -> str:
     return f"{len(found['rows'])} jobs" + (f"; {', '.join(extra)}" if extra else "")
 
 
-def _markdown(found: dict, grouped, gkeys, plots) -> str:
-    rows, stale, failed, left_out = found["rows"], found["stale"], found["failed"], found["left_out"]
-    listed = sorted(rows + stale + failed, key=lambda r: _job_sort_key(r["job"]))
+def _overview(found: dict) -> tuple[list[dict], list[str], dict[str, str]]:
+    """Every listed job in job order, the swept keys to show per job, and the overrides all jobs share."""
+    listed = sorted(found["rows"] + found["stale"] + found["failed"], key=lambda r: _job_sort_key(r["job"]))
     shown = varying_keys(listed) if len(listed) > 1 else []
     fixed = {k: v for k, v in listed[0]["overrides"].items() if k not in shown}
+    return listed, shown, fixed
+
+
+def _count_line(found: dict) -> str:
+    """``8 complete jobs, 1 failed, 2 stale`` as summary.md opens."""
+    failed, stale = found["failed"], found["stale"]
+    return (f"{len(found['rows'])} complete jobs" + (f", {len(failed)} failed" if failed else "")
+            + (f", {len(stale)} stale" if stale else ""))
+
+
+def export_columns(rows: list[dict]) -> list[tuple]:
+    """The :data:`EXPORT_COLUMNS` some job has a figure for, headers naming the runtime; [] when none was exported."""
+    formats = {e.get("format") for r in rows for e in r["export"].values()}
+    if not formats:
+        return []
+    runtime = RUNTIME_NAMES.get(next(iter(formats)), "runtime") if len(formats) == 1 else "runtime"
+    return [(col, role, key, head.format(rt=runtime), spec) for col, role, key, head, spec in EXPORT_COLUMNS
+            if any(_export_value(r, (col, role, key)) is not None for r in rows)]
+
+
+def _export_value(row: dict, column: tuple):
+    return row["export"].get(column[1], {}).get(column[2])
+
+
+def _export_note(row: dict) -> str:
+    """``onnx`` or ``onnx; parity failed: student (max diff 0.0123)``: the format, and which exported model does not
+    match PyTorch (its runtime figures are then not the trained model's)."""
+    entries = row["export"]
+    if not entries:
+        return ""
+    formats = sorted({str(e.get("format")) for e in entries.values()})
+    bad = [f"{role} (max diff {_fmt(e.get('max_abs_diff'), '.3g') or '?'})" for role, e in entries.items()
+           if e.get("parity") is False]
+    return "/".join(formats) + (f"; parity failed: {', '.join(bad)}" if bad else "")
+
+
+def _markdown(found: dict, grouped, gkeys, plots) -> str:
+    rows, stale, failed, left_out = found["rows"], found["stale"], found["failed"], found["left_out"]
+    listed, shown, fixed = _overview(found)
+    ecols = export_columns(listed)
     lines = ["# Sweep summary", "",
-             f"{len(rows)} complete jobs" + (f", {len(failed)} failed" if failed else "")
-             + (f", {len(stale)} stale" if stale else "") + ". Shared overrides: "
+             _count_line(found) + ". Shared overrides: "
              + (", ".join(f"`{k}={v}`" for k, v in fixed.items()) or "none") + "."]
     if failed:
         lines += ["", f"**{len(failed)} job(s) failed** (no numbers; each job dir's error.txt holds the reason):"]
@@ -393,13 +471,15 @@ def _markdown(found: dict, grouped, gkeys, plots) -> str:
                                   for j in left_out)
                   + ". `kd-summarize DIR` lists them as stale."]
     lines += ["", "## Per job", ""]
-    head = ["job", "status", *shown, "teacher %", "baseline %", "student %", "KD gain", "wall s", "teacher from",
-            "note"]
+    head = ["job", "status", *shown, "teacher %", "baseline %", "student %", "KD gain", "wall s",
+            *(c[3] for c in ecols), *(["export"] if ecols else []), "teacher from", "note"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in listed:
         lines.append("| " + " | ".join([r["job"], r["status"], *(r["overrides"].get(k, "") for k in shown),
                                         _fmt(r["teacher_acc"]), _fmt(r["baseline_acc"]), _fmt(r["student_acc"]),
                                         _fmt(r["kd_gain"], "+.2f"), _fmt(r["wall_s"], ".1f"),
+                                        *(_fmt(_export_value(r, c), c[4]) for c in ecols),
+                                        *([_export_note(r)] if ecols else []),
                                         str(r["teacher_source"] or ""),
                                         (r["reason"] or "").replace("|", "/")]) + " |")
     lines += ["", "## Mean +- std over seeds", ""]

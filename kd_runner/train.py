@@ -34,8 +34,8 @@ EXIT_CRASH = 1
 LOCK_FILE = ".kd-train.lock"
 # what a run writes into its run dir; overwrite=true removes these before replacing the run
 RUN_OUTPUTS = ("report.json", "report.md", "metrics.csv", "curves.png", "error.txt", "error_traceback.txt",
-               "report.superseded.json")
-RUN_OUTPUT_DIRS = ("checkpoints", "state")
+               "report.superseded.json", "trackers.json")
+RUN_OUTPUT_DIRS = ("checkpoints", "state", "export", "tensorboard", "wandb")
 OUTPUT_HINT = "set KD_OUTPUT_DIR or paths.output_dir to a writable directory"
 CACHE_HINT = "set KD_CACHE_DIR or paths.cache_dir to a writable directory"
 STARTED = datetime.now()
@@ -86,12 +86,16 @@ def check_overrides(args: list[str], conf: Path) -> None:
     for o in overrides:
         if o.key_or_group not in groups or o.is_delete():
             continue
-        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        many = not o.is_sweep_override() and isinstance(o.value(), list)  # logger=[tensorboard,mlflow]
+        if o.is_sweep_override():
+            values = list(o.sweep_string_iterator())
+        else:
+            values = [str(v) for v in o.value()] if many else [o.get_value_element_as_str()]
         for v in values:
             if v not in groups[o.key_or_group] and v != "null":
                 valid = choices(groups[o.key_or_group])
                 raise UserError(f"{o.get_key_element()}={v!r} is not a known option; valid: {valid}")
-        chosen.append(f"{o.get_key_element()}={values[0]}")
+        chosen.append(o.input_line if many else f"{o.get_key_element()}={values[0]}")
     keys = [o for o in overrides if o.key_or_group not in groups and o.is_force_add() is False and not o.is_add()
             and not o.is_delete()]
     if keys:

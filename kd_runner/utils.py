@@ -117,12 +117,23 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, so readers never see half a file."""
+    """Write via a temp file and rename, so readers never see half a file. The file gets the permissions a plain
+    ``open()`` would give it (mkstemp's are 0600: a sweep's pages and reports could not be shared or served)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -29,6 +29,7 @@ FAST = {
     "trainer.bench_iters": "2",
     "trainer.progress": "false",
     "trainer.num_threads": "1",
+    "dataset.label_fraction": "1.0",  # every image labelled (digits' default is the scarce-label demo)
 }
 
 CLI_TIMEOUT_S = 300

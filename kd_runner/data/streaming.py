@@ -197,6 +197,10 @@ class StreamSplit:
         """Pickles without its DataLoaders (worker processes and threads do not pickle)."""
         return {**self.__dict__, "_loaders": {}, "_busy": False}
 
+    def with_labels(self, labels: Tensor) -> StreamSplit:
+        """The same items under other labels (as ``Split.with_labels``)."""
+        return StreamSplit(self.dataset, labels, self.indices, self.num_workers)
+
     def subset(self, idx: Tensor) -> StreamSplit:
         """The items at positions ``idx`` of this split (as ``Split.subset``), sharing the dataset."""
         idx = torch.as_tensor(idx)

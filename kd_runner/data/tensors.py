@@ -27,6 +27,10 @@ class Split:
     def subset(self, idx: torch.Tensor) -> Split:
         return Split(self.images[idx], self.labels[idx])
 
+    def with_labels(self, labels: torch.Tensor) -> Split:
+        """The same images under other labels (e.g. ``IGNORE`` for the unlabelled ones)."""
+        return Split(self.images, labels)
+
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image: what models are built for."""
@@ -165,6 +169,18 @@ def carve_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split | 
     n_val = max(1, int(round(n * fraction)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return train.subset(perm[n_val:]), train.subset(perm[:n_val])
+
+
+def stratified_fraction(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded, class-balanced ``fraction`` of a split (at least one image per class present):
+    the labelled subset a student trains on in a scarce-label setting."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(labels):
+        members = torch.nonzero(labels == c).flatten()
+        n = max(1, int(round(len(members) * fraction)))
+        keep.append(members[torch.randperm(len(members), generator=gen)[:n]])
+    return torch.cat(keep).sort().values
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, nonneg, positive
+from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, cross_entropy, nonneg, positive
 
 
 def attention_map(f: Tensor, p: float) -> Tensor:
@@ -86,5 +86,5 @@ class AT(LayerListMethod):
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         with torch.autocast(student.logits.device.type, enabled=False):
             at = torch.stack([self.pair_loss(s, t) for s, t in self.pairs(student, teacher)]).sum()
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.feat_weight * at + self.ce_weight * ce, "at": at, "ce": ce}

@@ -21,6 +21,15 @@ from torch import Tensor, nn
 
 from kd_runner.errors import UserError, number
 
+IGNORE = -100  # the label of an unlabelled training image (``dataset.label_fraction`` < 1): no CE term
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean CE over the labelled samples of a batch (``IGNORE`` targets skipped), in float32; 0 for a batch with
+    none (``F.cross_entropy``'s mean would be 0/0 there). Sync-free, so it runs inside CUDA graphs."""
+    total = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE)
+    return total / (targets != IGNORE).sum().clamp_min(1)
+
 
 @dataclass
 class Outputs:
@@ -73,6 +82,9 @@ class Method:
 
     name = "base"
     needs_teacher = True
+    # True when the loss reads labels beyond the CE term (DKD's target class, CRD's same-class negatives): such a
+    # method cannot train on unlabelled images (``dataset.label_fraction`` < 1)
+    reads_labels = False
 
     def __init__(self, ce_weight: float = 1.0) -> None:
         self.ce_weight = nonneg("ce_weight", ce_weight)

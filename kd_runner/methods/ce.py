@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_runner.methods.base import Batch, Method, Outputs
+from kd_runner.methods.base import Batch, Method, Outputs, cross_entropy
 
 
 class CE(Method):
@@ -13,5 +12,5 @@ class CE(Method):
     needs_teacher = False
 
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.ce_weight * ce, "ce": ce}

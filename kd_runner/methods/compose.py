@@ -24,6 +24,7 @@ class Composite(Method):
         for part in self.added.values():
             part.ce_weight = 0.0
         self.needs_teacher = any(p.needs_teacher for p in self._parts())
+        self.reads_labels = any(p.reads_labels for p in self._parts())
         self._union_taps()
 
     def _union_taps(self) -> None:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError
-from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, Setup, nonneg
+from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, Setup, cross_entropy, nonneg
 
 
 def pool_to_width(x: Tensor, width: int) -> Tensor:
@@ -44,5 +44,5 @@ class Cosine(LayerPairMethod):
         s = student.feats[self.student_layer].flatten(1)
         t = pool_to_width(teacher.feats[self.teacher_layer].flatten(1), s.shape[1])
         hidden = F.cosine_embedding_loss(s, t, torch.ones(s.shape[0], device=s.device))
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.hidden_weight * hidden + self.ce_weight * ce, "hidden": hidden, "ce": ce}

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError, choices, number
-from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, Setup, nonneg
+from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, Setup, cross_entropy, nonneg
 
 MODES = ("exact", "relax")
 NCE_EPS = 1e-7  # RepDistiller crd/criterion.py eps
@@ -127,6 +127,7 @@ def contrast_loss(x: Tensor, n_data: int) -> Tensor:
 
 class CRD(LayerPairMethod):
     name = "crd"
+    reads_labels = True
 
     def __init__(self, student_layer: str = "embedding", teacher_layer: str = "embedding", feat_dim: int = 128,
                  nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5, mode: str = "exact",
@@ -189,5 +190,5 @@ class CRD(LayerPairMethod):
         sample_idx = extra["memory"].sample(batch.index, batch.targets, self.nce_k, self.mode)
         parts = self.contrast(student.feats[self.student_layer], teacher.feats[self.teacher_layer], batch.index,
                               sample_idx, extra)
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.crd_weight * parts["crd"] + self.ce_weight * ce, **parts, "ce": ce}

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_runner.methods.base import Batch, Method, Outputs, nonneg, positive
+from kd_runner.methods.base import Batch, Method, Outputs, cross_entropy, nonneg, positive
 from kd_runner.methods.logit_tools import flag, logit_pair
 
 PEARSON_EPS = 1e-8  # the reference's cosine_similarity eps
@@ -64,6 +64,6 @@ class DIST(Method):
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         s, t = logit_pair(student.logits, teacher.logits, self.logit_stand)
         inter, intra = dist_parts(s, t, self.T)
-        ce = F.cross_entropy(student.logits.float(), batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         total = self.ce_weight * ce + self.beta * inter + self.gamma * intra
         return {"total": total, "inter": inter, "intra": intra, "ce": ce}

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError, number
-from kd_runner.methods.base import Batch, Method, Outputs, nonneg, positive
+from kd_runner.methods.base import Batch, Method, Outputs, cross_entropy, nonneg, positive
 from kd_runner.methods.logit_tools import flag, logit_pair
 
 MASK = 1000.0  # subtracted from the target's tempered logit to drop it from the non-target softmax (reference)
@@ -53,6 +53,7 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, T
 
 class DKD(Method):
     name = "dkd"
+    reads_labels = True
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0, warmup: float = 20,
                  ce_weight: float = 1.0, logit_stand: bool = False) -> None:
@@ -77,6 +78,6 @@ class DKD(Method):
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         s, t = logit_pair(student.logits, teacher.logits, self.logit_stand)
         tckd, nckd = dkd_parts(s, t, batch.targets, self.T)
-        ce = F.cross_entropy(student.logits.float(), batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         total = self.ce_weight * ce + self.ramp(batch) * (self.alpha * tckd + self.beta * nckd)
         return {"total": total, "tckd": tckd, "nckd": nckd, "ce": ce}

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError
-from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, Setup, nonneg
+from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, Setup, cross_entropy, nonneg
 
 
 class ConvRegressor(nn.Module):
@@ -47,5 +47,5 @@ class Hint(LayerPairMethod):
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         mapped = extra["regressor"](student.feats[self.student_layer])
         hint = F.mse_loss(mapped, teacher.feats[self.teacher_layer])
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.hint_weight * hint + self.ce_weight * ce, "hint": hint, "ce": ce}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError, choices, number
-from kd_runner.methods.base import Batch, Method, Outputs, nonneg
+from kd_runner.methods.base import Batch, Method, Outputs, cross_entropy, nonneg
 from kd_runner.methods.logit_tools import flag, standardize
 
 KL_REDUCTIONS = ("batchmean", "mean")
@@ -58,5 +58,5 @@ class KD(Method):
         if self.logit_stand:
             s, t = standardize(s), standardize(t)
         soft = soft_target_kl(s, t, self.T, self.t_squared, self.kl_reduction)
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.soft_weight * soft + self.ce_weight * ce, "soft": soft, "ce": ce}

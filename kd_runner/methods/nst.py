@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, nonneg
+from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, cross_entropy, nonneg
 
 
 def channel_samples(f: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -60,5 +60,5 @@ class NST(LayerListMethod):
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         with torch.autocast(student.logits.device.type, enabled=False):
             nst = torch.stack([nst_loss(s, t) for s, t in self.pairs(student, teacher)]).sum()
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.feat_weight * nst + self.ce_weight * ce, "nst": nst, "ce": ce}

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError, number
-from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, nonneg
+from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, cross_entropy, nonneg
 from kd_runner.taps import INPUT_SUFFIX
 
 BATCHNORMS = (nn.BatchNorm2d,)
@@ -196,5 +196,5 @@ class OFD(LayerListMethod):
                 t = F.adaptive_avg_pool2d(t, s.shape[-2:])
             term = partial_l2(s, t, extra["margins"][i].float()) / s.shape[0] / 2 ** (n - 1 - i)
             ofd = term if ofd is None else ofd + term
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.feat_weight * ofd + self.ce_weight * ce, "ofd": ofd, "ce": ce}

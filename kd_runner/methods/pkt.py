@@ -16,10 +16,9 @@ differ in width. The references' in-place ``f[f != f] = 0`` (NaN -> 0, a host sy
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, nonneg, positive
+from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, cross_entropy, nonneg, positive
 
 
 def conditional_probabilities(f: Tensor, eps: float) -> Tensor:
@@ -49,5 +48,5 @@ class PKT(LayerPairMethod):
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         with torch.autocast(student.logits.device.type, enabled=False):
             pkt = pkt_loss(student.feats[self.student_layer], teacher.feats[self.teacher_layer], self.eps)
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.feat_weight * pkt + self.ce_weight * ce, "pkt": pkt, "ce": ce}

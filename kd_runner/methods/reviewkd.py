@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError, number
-from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, nonneg
+from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, cross_entropy, nonneg
 
 HCL_GRIDS = (4, 2, 1)
 
@@ -164,5 +164,5 @@ class ReviewKD(LayerListMethod):
             warm = 1.0
         else:
             warm = torch.clamp(batch.epoch.float() / self.warmup_epochs, max=1.0)
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.review_weight * warm * review + self.ce_weight * ce, "hcl": review, "ce": ce}

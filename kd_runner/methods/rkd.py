@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError
-from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, nonneg, positive
+from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, cross_entropy, nonneg, positive
 
 
 def pairwise_distances(e: Tensor, squared: bool, eps: float) -> Tensor:
@@ -79,6 +79,6 @@ class RKD(LayerPairMethod):
             distance, angle = rkd_losses(student.feats[self.student_layer], teacher.feats[self.teacher_layer],
                                          self.squared, self.eps)
             rkd = self.distance_weight * distance + self.angle_weight * angle
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.feat_weight * rkd + self.ce_weight * ce, "rkd": rkd, "distance": distance,
                 "angle": angle, "ce": ce}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError, number
-from kd_runner.methods.base import Batch, LayerListMethod, Outputs, as_names, nonneg
+from kd_runner.methods.base import Batch, LayerListMethod, Outputs, as_names, cross_entropy, nonneg
 
 
 def normalized_gram(f: Tensor) -> Tensor:
@@ -71,5 +71,5 @@ class SP(LayerListMethod):
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         with torch.autocast(student.logits.device.type, enabled=False):
             sp = torch.stack([similarity_loss(s, t) for s, t in self.pairs(student, teacher)]).sum()
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.feat_weight * sp + self.ce_weight * ce, "sp": sp, "ce": ce}

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError, number
-from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, nonneg
+from kd_runner.methods.base import Batch, LayerListMethod, Outputs, Setup, cross_entropy, nonneg
 
 
 def conv1x1(c_in: int, c_out: int) -> nn.Conv2d:
@@ -126,5 +126,5 @@ class VID(LayerListMethod):
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         nlls = [reg(s, t) for reg, (s, t) in zip(extra["regressors"], self.pairs(student, teacher), strict=True)]
         vid = torch.stack(nlls).sum()
-        ce = F.cross_entropy(student.logits, batch.targets)
+        ce = cross_entropy(student.logits, batch.targets)
         return {"total": self.vid_weight * vid + self.ce_weight * ce, "vid": vid, "ce": ce}
