@@ -25,9 +25,12 @@ IGNORE = -100  # the label of an unlabelled training image (``dataset.label_frac
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean CE over the labelled samples of a batch (``IGNORE`` targets skipped), in float32; 0 for a batch with
-    none (``F.cross_entropy``'s mean would be 0/0 there). Sync-free, so it runs inside CUDA graphs."""
-    total = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE)
+    """Mean CE over the labelled samples of a batch (``IGNORE`` targets skipped), at least in float32 (bf16 logits
+    are promoted); 0 for a batch with none (``F.cross_entropy``'s mean would be 0/0 there). Sync-free, so it runs
+    inside CUDA graphs."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    total = torch.nn.functional.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
     return total / (targets != IGNORE).sum().clamp_min(1)
 
 
