@@ -19,6 +19,18 @@ import helpers  # noqa: E402
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module's in-process tests (restored after): tiny batches gain nothing from
+    more, and on a shared CPU idle worker threads only spin."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def run_cli():
     """``run_cli(args, tmp_path, env=None, run_dir=None)`` -> ``(proc, run_dir)``."""

@@ -88,13 +88,8 @@ def torchlib_read_once():
         yield
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread for PyTorch and the runtimes: the machine is shared, and idle worker threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one CPU thread for PyTorch and the runtimes: the machine is shared, and idle worker threads spin
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

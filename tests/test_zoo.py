@@ -82,13 +82,8 @@ ZOO: dict[str, Zoo] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of 2 gain nothing from intra-op threads; on a shared CPU they only oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# batches of 2 gain nothing from intra-op threads; on a shared CPU they only oversubscribe it
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def zoo_yamls() -> list[str]:
