@@ -538,6 +538,10 @@ def _run_job(cfg: DictConfig, run_dir: Path, job: SweepJob | None) -> tuple[floa
             if rep.get("config_hash") != cfg_hash:
                 raise refuse_other_config(run_dir, rep, cfg_hash, what, key)
             print(f"kd-train: {run_dir} already holds a complete report of this config; skipping")
+            fmt = str((cfg.get("export") or {}).get("format", "none"))
+            if fmt != "none" and not any("export" in m for m in (rep.get("models") or {}).values()):
+                print(f"kd-train: export={fmt} does not rerun a finished run; export it with: "
+                      f"kd-export {run_dir} --format {fmt}")
             return objective(rep), "skipped", cfg_hash
         if overwrite:
             ckpt = cfg.teacher.get("checkpoint")

@@ -388,6 +388,20 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
+def test_export_on_a_finished_run_skips_it_and_names_kd_export(hint_run, tmp_path):
+    """export is not part of the config hash: rerunning a finished run with export=onnx skips it, and says how to
+    export it instead of silently doing nothing."""
+    run_dir, rep, _ = hint_run
+    finished = tmp_path / "finished"
+    shutil.copytree(run_dir, finished, ignore=shutil.ignore_patterns("export", ".kd-train.lock"))
+    (finished / "report.json").write_text(json.dumps(without_exports(rep)))
+    proc, _ = helpers.run_cli(["method=hint", "teacher=light_nn", "export=onnx"], tmp_path, run_dir=finished)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipping" in proc.stdout
+    assert f"kd-export {finished} --format onnx" in proc.stdout
+    assert not (finished / "export").exists()
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_kd_train_export_writes_deployable_models(hint_run):
     run_dir, rep, stderr = hint_run

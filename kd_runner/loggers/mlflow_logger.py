@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -137,6 +138,8 @@ def start(settings: dict, info: RunInfo, previous: dict | None) -> MlflowTracker
             os.environ.setdefault(key, value)
     db = sqlite_path(uri)
     run = None
+    for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables..." on a new store
+        logging.getLogger(name).setLevel(logging.WARNING)
     with store_lock(db):
         client = MlflowClient(tracking_uri=uri)  # opening a new SQLite store creates its tables: under the lock
         if previous and previous.get("tracking_uri") == uri and previous.get("run_id"):
