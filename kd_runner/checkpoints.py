@@ -43,16 +43,28 @@ def load_weights(path: str | Path, model: nn.Module, role: str) -> str:
                         f"kd-train (e.g. <run dir>/checkpoints/teacher.pt) or torch.save{hint}")
     if not p.is_file():
         raise UserError(f"{role}.checkpoint='{p}' does not exist; give a file saved by kd-train or torch.save")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file
-        raise UserError(f"{role}.checkpoint='{p}' is not a readable torch checkpoint ({type(err).__name__})") from None
+    named = f"{role}.checkpoint='{p}'"
+    payload = read(p, named)
     state = payload.get("model", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict):
-        raise UserError(f"{role}.checkpoint='{p}' holds no state dict")
+        raise UserError(f"{named} holds no state dict")
+    fit_state(model, state, named, f"{role} arch {type(model).__name__}")
+    return str(p.resolve())
+
+
+def read(path: Path, named: str, what: str = "torch checkpoint"):
+    """``torch.load`` with ``weights_only=True`` (a planted file cannot run code); a file torch cannot read is a
+    one-line error naming it as ``named``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise UserError(f"{named} is not a readable {what} ({type(err).__name__})") from None
+
+
+def fit_state(model: nn.Module, state: dict, named: str, arch: str) -> None:
+    """Load ``state`` into ``model``; keys or shapes that do not fit are a one-line error (torch's first detail)."""
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-        raise UserError(f"{role}.checkpoint='{p}' does not fit {role} arch {type(model).__name__}: {first}") from None
-    return str(p.resolve())
+        first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
+        raise UserError(f"{named} does not fit {arch}: {first}") from None

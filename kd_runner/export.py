@@ -23,10 +23,8 @@ import json
 import math
 import os
 import re
-import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +36,7 @@ from torch import nn
 
 from kd_runner import __version__
 from kd_runner.errors import UserError, choices, number
+from kd_runner.inference import time_calls
 from kd_runner.utils import atomic_write_bytes, atomic_write_text
 
 FORMATS = ("none", "onnx", "torchscript")
@@ -278,29 +277,6 @@ def verify(deploy: nn.Module, run: Runner, test, batch_size: int = PARITY_BATCH)
     return {"max_abs_diff": worst, "test_acc": acc(hits_rt), "torch_test_acc": acc(hits_pt), "n": n}
 
 
-def time_model(fn: Callable, one, many, latency_iters: int, throughput_iters: int) -> tuple[float | None, float | None]:
-    """Median batch-1 latency (ms) over ``latency_iters`` calls and throughput (images/s) over ``throughput_iters``
-    calls on ``many``, after two warm-up calls of each; None where the count is 0."""
-    latency = throughput = None
-    if latency_iters:
-        for _ in range(2):
-            fn(one)
-        times = []
-        for _ in range(latency_iters):
-            t0 = time.perf_counter()
-            fn(one)
-            times.append(time.perf_counter() - t0)
-        latency = round(1000 * statistics.median(times), 4)
-    if throughput_iters:
-        for _ in range(2):
-            fn(many)
-        t0 = time.perf_counter()
-        for _ in range(throughput_iters):
-            fn(many)
-        throughput = round(len(many) * throughput_iters / (time.perf_counter() - t0), 1)
-    return latency, throughput
-
-
 # --------------------------------------------------------------------------- one model, every model
 
 
@@ -329,7 +305,7 @@ def export_one(role: str, model: nn.Module, s: Settings, out_dir: Path, test, me
     one = torch.rand(1, *shape, generator=gen)
     many = torch.rand(s.throughput_batch, *shape, generator=gen)
     with torch.inference_mode():  # before any runtime starts: no idle runtime threads compete for the cores
-        t_latency, t_throughput = time_model(deploy, one, many, s.latency_iters, s.throughput_iters)
+        t_latency, t_throughput = time_calls(deploy, one, many, s.latency_iters, s.throughput_iters)
     meta = {"description": f"kd-runner {role}: float32 NCHW pixels in [0, 1] -> logits; the normalisation "
                            "(x - mean) / std is inside the graph",
             "kd_runner": __version__, "role": role, "input": input_spec(shape), "mean": list(mean),
@@ -347,7 +323,7 @@ def export_one(role: str, model: nn.Module, s: Settings, out_dir: Path, test, me
         path = _write(out_dir, role, fmt, blob)
         run, runtime = _runner(fmt, path, threads)
         check = verify(deploy, run, test)
-    latency, throughput = time_model(run, one.numpy(), many.numpy(), s.latency_iters, s.throughput_iters)
+    latency, throughput = time_calls(run, one.numpy(), many.numpy(), s.latency_iters, s.throughput_iters)
     del run  # the runtime's session and its threads go now, not with the next model's timings
     info = {
         "format": fmt,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from kd_runner import checkpoints
 from kd_runner.errors import UserError, choices
 from kd_runner.export import FORMATS, check_config, export_models, markdown_lines
 from kd_runner.utils import atomic_write_text
@@ -97,10 +98,7 @@ def load_model(run_dir: Path, role: str) -> torch.nn.Module:
     if not path.is_file():
         raise UserError(f"RUN_DIR '{run_dir}' has no checkpoints/{role}.pt but its report lists a {role}; "
                         "the run dir is incomplete")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file
-        raise UserError(f"'{path}' is not a readable kd-train checkpoint ({type(err).__name__})") from None
+    payload = checkpoints.read(path, f"'{path}'", "kd-train checkpoint")
     keys = ("model", "model_cfg", "input_shape", "num_classes")
     if not isinstance(payload, dict) or any(k not in payload for k in keys):
         raise UserError(f"'{path}' is not a kd-train checkpoint (it needs the keys {', '.join(keys)})")
@@ -108,11 +106,7 @@ def load_model(run_dir: Path, role: str) -> torch.nn.Module:
     if str(model_cfg.get("arch")) == "torchvision":
         model_cfg.weights = None  # the checkpoint holds every weight: never download pretrained ones to overwrite
     model = build_model(model_cfg, tuple(payload["input_shape"]), int(payload["num_classes"]))
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as err:
-        first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
-        raise UserError(f"'{path}' does not fit its own arch {model_cfg.get('arch')}: {first}") from None
+    checkpoints.fit_state(model, payload["model"], f"'{path}'", f"its own arch {model_cfg.get('arch')}")
     return model.eval()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,22 +35,35 @@ def _measure(model: nn.Module, input_shape: tuple[int, int, int], device: torch.
     model.eval()
     one = to_model_format(torch.randn(1, *input_shape, device=device), model)
     many = to_model_format(torch.randn(batch_size, *input_shape, device=device), model)
-    for _ in range(2):
-        model(one)
-        model(many)
-    times = []
-    for _ in range(iters):
-        _sync(device)
+    latency, throughput = time_calls(model, one, many, iters, max(1, iters // 4), sync=lambda: _sync(device))
+    return {"latency_ms": latency, "throughput_ips": throughput}
+
+
+def time_calls(fn: Callable, one, many, latency_iters: int, throughput_iters: int,
+               sync: Callable[[], None] = lambda: None) -> tuple[float | None, float | None]:
+    """Median batch-1 latency (ms) of ``fn(one)`` over ``latency_iters`` calls and throughput (images/s) of
+    ``fn(many)`` over ``throughput_iters`` calls, after two warm-up calls of each; None where the count is 0.
+    ``sync`` waits for queued device work (CUDA), so each figure times the work, not its launch. Any callable:
+    a model on the run's device, or an exported model in its runtime (``kd_runner.export``)."""
+    latency = throughput = None
+    for _ in range(2 if latency_iters else 0):
+        fn(one)
+    if latency_iters:
+        times = []
+        for _ in range(latency_iters):
+            sync()
+            t0 = time.perf_counter()
+            fn(one)
+            sync()
+            times.append(time.perf_counter() - t0)
+        latency = round(1000 * statistics.median(times), 4)
+    if throughput_iters:
+        for _ in range(2):
+            fn(many)
+        sync()
         t0 = time.perf_counter()
-        model(one)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    batch_iters = max(1, iters // 4)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(batch_iters):
-        model(many)
-    _sync(device)
-    elapsed = time.perf_counter() - t0
-    return {"latency_ms": round(1000 * statistics.median(times), 4),
-            "throughput_ips": round(batch_size * batch_iters / elapsed, 1)}
+        for _ in range(throughput_iters):
+            fn(many)
+        sync()
+        throughput = round(len(many) * throughput_iters / (time.perf_counter() - t0), 1)
+    return latency, throughput
