@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kd_runner import distributed
 from kd_runner.compute import resolve_compute
 from kd_runner.data import DATA_PATHS
 from kd_runner.data.augment import Augment, phase_augments
@@ -43,6 +44,7 @@ class Trainer:
     data_path: str = "auto"
     num_workers: int = 2
     teacher_outputs_max_gb: float | None = None
+    sync_bn: bool = False
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Trainer:
@@ -68,6 +70,7 @@ class Trainer:
             num_workers=_int(cfg, "num_workers", 0) if "num_workers" in cfg else 2,
             teacher_outputs_max_gb=None if cfg.get("teacher_outputs_max_gb") is None
             else number(cfg.teacher_outputs_max_gb, "trainer.teacher_outputs_max_gb"),
+            sync_bn=_bool(cfg, "sync_bn"),
         )
         if t.teacher_outputs_max_gb is not None and t.teacher_outputs_max_gb < 0:
             raise UserError(f"trainer.teacher_outputs_max_gb={t.teacher_outputs_max_gb:g} is invalid; it must be >= 0 "
@@ -129,6 +132,7 @@ def validate(cfg: DictConfig) -> Trainer:
     if phases is not None and not OmegaConf.is_list(phases):
         raise UserError(f"augment.phases={phases!r} is invalid; give a list, e.g. [teacher,baseline,student]")
     trainer = Trainer.from_cfg(cfg.trainer)
+    distributed.check_batch("trainer.batch_size", trainer.batch_size)
     probe = torch.nn.Parameter(torch.zeros(1))
     try:  # torch's own range checks (momentum with nesterov, negative decay, factor >= 1, ...)
         optimizer = build_optimizer(cfg.optimizer, [probe])

@@ -15,9 +15,10 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from kd_runner import distributed
 from kd_runner.compute import Compute, compile_once, to_model_format
 from kd_runner.data.augment import Augment
-from kd_runner.data.tensors import Normalizer, Split
+from kd_runner.data.tensors import Normalizer, Split, global_batch_sizes
 from kd_runner.errors import UserError
 from kd_runner.methods.base import Method, Outputs
 from kd_runner.optim import build_optimizer, build_scheduler, plateau_monitor, scheduler_step
@@ -46,6 +47,7 @@ class Env:
     data_on_device: str = "auto"  # auto | on | off: keep whole splits in GPU memory (CUDA only)
     # id(split) -> (split, its staged copy); holding the split keeps its id from being reused
     _staged: dict[int, tuple[Split, Split]] = field(default_factory=dict, repr=False)
+    _shards: dict[int, tuple[Split, Split]] = field(default_factory=dict, repr=False)  # id(split) -> this rank's rows
 
     def prepare(self, images: Tensor) -> Tensor:
         return self.normalize(images.to(self.device, non_blocking=True))
@@ -59,11 +61,24 @@ class Env:
             self._staged[id(split)] = (split, split.to(self.device) if fits else split)
         return self._staged[id(split)][1]
 
-    def batches(self, split: Split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None):
-        """``(indices, uint8 images, labels)`` of ``split`` where it lives; host batches bound for a GPU are pinned."""
+    def batches(self, split: Split, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
+                shard: bool = False):
+        """``(indices, uint8 images, labels)`` of ``split`` where it lives; host batches bound for a GPU are pinned.
+        ``shard``: in a data-parallel run, this rank's part of each global batch of ``batch_size``."""
         staged = self.stage(split)
+        part = (distributed.rank(), distributed.world()) if shard and distributed.enabled() else None
         return staged.batches(batch_size, shuffle=shuffle, generator=generator,
-                              pin=self.device.type == "cuda" and staged.on_host)
+                              pin=self.device.type == "cuda" and staged.on_host, shard=part)
+
+    def shard_of(self, split: Split) -> Split:
+        """This rank's contiguous rows of ``split`` (``distributed.shard_bounds``; the whole split in a one-process
+        run): what it evaluates or runs a teacher over before the ranks' results are combined."""
+        if not distributed.enabled():
+            return split
+        if id(split) not in self._shards:
+            lo, hi = distributed.shard_bounds(len(split))
+            self._shards[id(split)] = (split, split.subset(torch.arange(lo, hi)))
+        return self._shards[id(split)][1]
 
     def residency(self, split: Split) -> str:
         staged = self.stage(split)
@@ -153,14 +168,18 @@ class TeacherOutputs:
             return Outputs(logits, self.reduce(taps.take()) if self.taps else {})
 
     def _run_over(self, split: Split) -> Outputs:
+        """Outputs for every image of ``split``; in a data-parallel run each rank runs its shard and the ranks
+        exchange them."""
         logits, feats = [], {}
-        for _, xb, _ in self.env.batches(split, self.env.eval_batch_size, shuffle=False):
+        for _, xb, _ in self.env.batches(self.env.shard_of(split), self.env.eval_batch_size, shuffle=False):
             out = self._forward(self.env.prepare(xb))
             logits.append(out.logits)
             for n, v in out.feats.items():
                 feats.setdefault(n, []).append(v)
         # cat outside inference mode: the cache holds ordinary tensors that losses may save for backward
-        return Outputs(torch.cat(logits), {n: torch.cat(v) for n, v in feats.items()})
+        n = len(split)
+        return Outputs(distributed.gather_rows(torch.cat(logits), n),
+                       {k: distributed.gather_rows(torch.cat(v), n) for k, v in feats.items()})
 
     def _run_over_views(self, split: Split, augment: Augment, where: torch.device) -> Tensor:
         """(N, V, classes) float32 logits: every view of every image, rendered as ``augment.draw`` renders it.
@@ -168,17 +187,18 @@ class TeacherOutputs:
         Each batch is loaded once and run through the teacher once per view; the cache is allocated
         outside inference mode, so losses may save lookups from it for backward."""
         cache: Tensor | None = None
-        for idx, xb, _ in self.env.batches(split, self.views_batch_size(self.env), shuffle=False):
+        shard = self.env.shard_of(split)  # this rank's images; the ranks exchange their rows at the end
+        for idx, xb, _ in self.env.batches(shard, self.views_batch_size(self.env), shuffle=False):
             xb = xb.to(self.env.device, non_blocking=True)
             rows = idx.to(where)
             for v in range(augment.num_views):
                 logits = self._forward(self.env.prepare(augment.view(xb, v))).logits
                 if cache is None:
-                    cache = torch.empty((len(split), augment.num_views, logits.shape[1]), dtype=torch.float32,
+                    cache = torch.empty((len(shard), augment.num_views, logits.shape[1]), dtype=torch.float32,
                                         device=where)
                 cache[rows, v] = logits.to(where, torch.float32)
         assert cache is not None, "the training split is empty"
-        return cache
+        return distributed.gather_rows(cache, len(split))
 
     def __call__(self, idx: Tensor, x: Tensor, views: Tensor | None = None) -> Outputs:
         """Teacher outputs for the batch ``x`` of training samples ``idx``; ``views``: the view ids
@@ -198,20 +218,23 @@ class TeacherOutputs:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: Split, env: Env) -> tuple[float, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``split``, in eval mode."""
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on ``split``, in eval mode; in a data-parallel run
+    each rank scores its shard and the counts are summed, so every rank returns the figures of the whole split."""
     was_training = model.training
     set_train_mode(model, False)
-    correct = torch.zeros((), dtype=torch.long, device=env.device)
+    correct = torch.zeros((), dtype=torch.float64, device=env.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     with env.compute.autocast(env.device):
-        for _, xb, yb in env.batches(split, env.eval_batch_size, shuffle=False):
+        for _, xb, yb in env.batches(env.shard_of(split), env.eval_batch_size, shuffle=False):
             logits = model(to_model_format(env.prepare(xb), model))
             y = yb.to(env.device)
             correct += (logits.argmax(1) == y).sum()
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
     set_train_mode(model, was_training)
+    totals = torch.stack([correct, loss_sum])
+    distributed.all_reduce_sum(totals)
     n = max(1, len(split))
-    return 100.0 * int(correct) / n, float(loss_sum) / n
+    return 100.0 * int(totals[0]) / n, float(totals[1]) / n
 
 
 def predict_accuracy(model: nn.Module, split: Split, env: Env) -> float:
@@ -243,14 +266,23 @@ class PhaseResult:
     cuda_graph_replays: int = 0
 
 
+def _rng_states() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
 def _save_state(path: Path, tag: str, model, extra, optimizer, scheduler, order: torch.Generator,
                 result: PhaseResult) -> None:
-    """Everything needed to continue bit-identically after this epoch, written atomically.
+    """Everything needed to continue bit-identically after this epoch, written atomically (by rank 0; every rank
+    calls it: each rank's own random state (dropout masks) is recorded too).
 
     Only tensors, numbers, strings and containers of them: it loads with ``weights_only=True``.
     ``tag`` names the config and seed that wrote it; only a run with the same tag resumes from it.
     """
+    ranks = distributed.gather_objects(_rng_states()) if distributed.enabled() else None
+    if not distributed.is_main():
+        return
     atomic_torch_save({
+        "rank_rngs": [list(r) for r in ranks] if ranks is not None else None,
         "tag": tag, "model": model.state_dict(), "extra": extra.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "order_rng": order.get_state(), "torch_rng": torch.get_rng_state(),
@@ -286,6 +318,12 @@ def _load_state(path: Path, tag: str, model, extra, optimizer, scheduler, order:
     torch.set_rng_state(st["torch_rng"])
     if st["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda_rng"])
+    ranks = st.get("rank_rngs")
+    if distributed.enabled() and ranks is not None and len(ranks) == distributed.world():
+        cpu, cuda = ranks[distributed.rank()]
+        torch.set_rng_state(cpu)
+        if cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
     result.history, result.best_state = st["history"], st["best_state"]
     result.best_val_acc, result.best_epoch = st["best_val_acc"], st["best_epoch"]
     result.train_seconds = st["train_seconds"]
@@ -330,6 +368,8 @@ def fit(
     scheduler = build_scheduler(scheduler_cfg, optimizer, epochs)
     monitor = plateau_monitor(scheduler_cfg) if str(scheduler_cfg.name) == "plateau" else None
     order = torch.Generator().manual_seed(derive_seed(seed, "batch_order"))  # same for baseline and student
+    if not distributed.is_main():  # ranks share the batch order, not their dropout masks
+        torch.manual_seed(derive_seed(seed, f"rank {distributed.rank()}"))
     result = PhaseResult()
     if state_path is not None and state_path.is_file():
         _load_state(state_path, state_tag, model, extra, optimizer, scheduler, order, result)
@@ -341,6 +381,8 @@ def fit(
             t0 = time.perf_counter()
             row = _train_epoch(phase, epoch, epochs, model, extra, train, env, step, order, augment,
                                views=getattr(teacher, "uses_views", False))
+            distributed.sync_buffers(model)  # rank 0's BatchNorm statistics: what it saves, every rank evaluates
+            distributed.sync_buffers(extra)
             if not math.isfinite(row["train_loss"]):
                 raise UserError(f"{phase}: training loss became {row['train_loss']} at epoch {epoch}; "
                                 f"lower optimizer.lr (now {optimizer_cfg.lr}) or the loss weights")
@@ -357,7 +399,7 @@ def fit(
             result.train_seconds += row["epoch_seconds"]
             if state_path is not None:
                 _save_state(state_path, state_tag, model, extra, optimizer, scheduler, order, result)
-            if on_epoch is not None:
+            if on_epoch is not None and distributed.is_main():
                 on_epoch(row)
             if env.progress:
                 shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
@@ -378,21 +420,29 @@ def _train_epoch(phase: str, epoch: int, epochs: int, model: nn.Module, extra: n
     extra.train()
     step.reset(epoch)
     seen = 0
-    n_batches = math.ceil(len(train) / env.batch_size)
-    bar = tqdm(env.batches(train, env.batch_size, shuffle=True, generator=order), total=n_batches,
+    world = distributed.world()
+    sizes = global_batch_sizes(len(train), env.batch_size, world)  # data-parallel: each rank gets its share
+    bar = tqdm(env.batches(train, env.batch_size, shuffle=True, generator=order, shard=True), total=len(sizes),
                desc=f"{phase} {epoch}/{epochs}", disable=not env.progress, leave=False, dynamic_ncols=True)
-    for i, (idx, xb, yb) in enumerate(bar):
+    for i, ((idx, xb, yb), n_global) in enumerate(zip(bar, sizes, strict=True)):
         xb = xb.to(env.device, non_blocking=True)
         view_ids = None
-        if augment is not None:
-            xb, view_ids = augment.draw(xb, order)
+        if augment is not None:  # drawn for the whole global batch: the views one process would draw
+            xb, view_ids = augment.draw(xb, order, rows=(n_global, *distributed.shard_bounds(n_global)))
         y = yb.to(env.device, non_blocking=True)
-        step(idx, xb, y, full=y.shape[0] == env.batch_size, views=view_ids if views else None)
+        # each rank's mean loss, weighted so the ranks' averaged gradients are the global batch's mean gradient
+        step(idx, xb, y, full=n_global == env.batch_size, views=view_ids if views else None,
+             weight=world * y.shape[0] / n_global)
         seen += y.shape[0]
-        if env.progress and (i % 20 == 0 or i == n_batches - 1):
+        if env.progress and (i % 20 == 0 or i == len(sizes) - 1):
             bar.set_postfix(loss=f"{float(step.sums['total']) / seen:.4f}",
                             acc=f"{100.0 * int(step.correct) / max(1, int(step.labelled)):.2f}")
+    names = list(step.sums)
+    totals = torch.stack([*(step.sums[k].double() for k in names), step.correct.double(), step.labelled.double(),
+                          torch.tensor(float(seen), dtype=torch.float64, device=step.correct.device)])
+    distributed.all_reduce_sum(totals)  # the epoch's figures over every rank's images
+    *sums, correct, labelled, seen_all = (float(v) for v in totals)
     row = {"phase": phase, "epoch": epoch, "lr": step.optimizer.param_groups[0]["lr"]}
-    row.update({f"train_{k}" if k != "total" else "train_loss": float(v) / seen for k, v in step.sums.items()})
-    row["train_acc"] = 100.0 * int(step.correct) / max(1, int(step.labelled))
+    row.update({f"train_{k}" if k != "total" else "train_loss": v / seen_all for k, v in zip(names, sums, strict=True)})
+    row["train_acc"] = 100.0 * correct / max(1.0, labelled)
     return row

@@ -2,8 +2,8 @@
 
 A key covers everything that changes the trained weights: the training data, the model config
 (or, for the baseline, its initial weights), the training settings, the seed, and
-torch/torchvision major.minor. Concurrent jobs with the same key serialise on a file lock;
-the first trains, the rest load.
+torch/torchvision major.minor. Concurrent jobs with the same key, on one machine or on several sharing the store
+over NFS, serialise on the key's claim file (:mod:`kd_runner.store_lock`); the first trains, the rest load.
 
 Each entry's ``meta.json`` records the size and sha256 of its files; an entry that fails that check (or,
 written before sizes and hashes were recorded, does not load) is set aside, kept, and trained again.
@@ -12,7 +12,6 @@ written before sizes and hashes were recorded, does not load) is set aside, kept
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -27,10 +26,11 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd_runner import __version__, checkpoints
+from kd_runner import __version__, checkpoints, distributed
 from kd_runner.data.tensors import DataBundle
 from kd_runner.engine import PhaseResult
 from kd_runner.errors import UserError
+from kd_runner.store_lock import claimed, lock_timing
 from kd_runner.utils import (
     DATASET_LOCATION_KEYS,
     atomic_write_bytes,
@@ -110,15 +110,17 @@ def _torch_bytes(obj) -> bytes:
 
 
 class ModelStore:
-    """``<root>/<key>/model.pt`` (+ ``best.pt``) and ``meta.json``; ``<root>/<key>.lock`` guards training.
+    """``<root>/<key>/model.pt`` (+ ``best.pt``) and ``meta.json``; ``<root>/<key>.claim`` guards training.
 
     ``meta.json`` records the size and sha256 of every file of the entry when it is written; an entry
     whose files are missing, differ from that record or do not load is corrupt: :meth:`set_aside` moves
     it to ``<root>/<key>.corrupt-<time>/`` (kept, never deleted) so the key can be trained again.
+    ``stale_after_s``/``heartbeat_s``: when a dead holder's claim is taken over (see :mod:`kd_runner.store_lock`).
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, stale_after_s: float | None = None, heartbeat_s: float | None = None) -> None:
         self.root = Path(root)
+        self.stale_after_s, self.heartbeat_s = lock_timing(stale_after_s, heartbeat_s)
 
     def entry_dir(self, key: str) -> Path:
         return self.root / key
@@ -130,14 +132,12 @@ class ModelStore:
         return self.root / key / BEST_FILE
 
     @contextlib.contextmanager
-    def locked(self, key: str) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f"{key}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def locked(self, key: str, timeout_s: float | None = None) -> Iterator[None]:
+        """Hold ``key`` for the body, waiting while another job (on any machine) holds it and taking over the
+        claim of a dead one; ``store_lock.ClaimTimeout`` (a TimeoutError) after ``timeout_s`` (None: no limit)."""
+        with claimed(self.root, key, stale_after_s=self.stale_after_s, heartbeat_s=self.heartbeat_s,
+                     timeout_s=timeout_s):
+            yield
 
     def write_meta(self, key: str, meta: dict) -> None:
         atomic_write_text(self.root / key / META_FILE, json.dumps(meta, indent=2, default=str))
@@ -230,15 +230,19 @@ def load_or_train(root: Path, key: tuple[str, dict] | None, model: nn.Module, mo
     store = ModelStore(root)
     entry = store.entry(key)
     info: dict = {}
-    with store.locked(key):
-        try:
-            found = store.load(key, model)
-        except CorruptEntry as err:
-            found = None
-            aside = store.set_aside(key)
-            print(f"kd-train: store entry {key} is corrupt ({err}); set aside to {aside}; retraining",
-                  file=sys.stderr, flush=True)
-            info["corrupt_entry"] = {"reason": str(err), "set_aside": str(aside)}
+    main = distributed.is_main()  # data-parallel: rank 0 claims the key, checks and writes; every rank trains
+    with store.locked(key) if main else contextlib.nullcontext():
+        found = None
+        if main:
+            try:
+                found = store.load(key, model)
+            except CorruptEntry as err:
+                aside = store.set_aside(key)
+                print(f"kd-train: store entry {key} is corrupt ({err}); set aside to {aside}; retraining",
+                      file=sys.stderr, flush=True)
+                info["corrupt_entry"] = {"reason": str(err), "set_aside": str(aside)}
+        if distributed.broadcast_object(found is not None) and not main:
+            found = store.load(key, model)  # the entry rank 0 has just checked
         if found is not None:
             meta, best = found
             res = PhaseResult(history=meta.get("history", []), best_val_acc=meta.get("best_val_acc"),
@@ -248,6 +252,8 @@ def load_or_train(root: Path, key: tuple[str, dict] | None, model: nn.Module, mo
             return {"source": "cache", "key": key, "path": str(entry.resolve()),
                     "trained_in": meta.get("trained_in")}, res
         res = train()
+        if not main:
+            return {"source": "trained", "key": key, "path": str(entry.resolve()), **info}, res
         best_bytes = _torch_bytes({"model": res.best_state["model"]}) if res.best_state is not None else None
         model_bytes = _torch_bytes(checkpoints.payload(model, model_cfg, data.input_shape(), data.num_classes))
         store.store(key, model_bytes, best_bytes,
@@ -268,8 +274,8 @@ def file_digest(path: Path) -> dict:
 def entry_keys(root: Path) -> list[str]:
     """Keys of the entries under a store ``root``, sorted; none when ``root`` does not exist.
 
-    An entry is a directory named by its key: lock files, entries set aside (``<key>.corrupt-<time>``) and
-    hidden directories (a kd-store import in progress) are not entries.
+    An entry is a directory named by its key: claim files (``<key>.claim*``), old lock files, entries set aside
+    (``<key>.corrupt-<time>``) and hidden directories (a kd-store import in progress) are not entries.
     """
     root = Path(root)
     if not root.is_dir():

@@ -10,6 +10,7 @@ Only logits are stored: tapped feature maps depend on the method that reads (and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kd_runner import distributed
 from kd_runner.model_store import ModelStore, _file_digest, _major_minor, _verify
 from kd_runner.utils import code_hash, stable_hash, weights_hash
 
@@ -60,11 +62,14 @@ def load_or_compute(root: Path, key: tuple[str, dict], compute: Callable[[Tensor
     Returns ``(logits, info)``; ``info["source"]`` is ``store`` or ``computed``."""
     key, material = key
     store = ModelStore(root)
-    with store.locked(key):
-        stored = _load(store, key, where)
+    main = distributed.is_main()  # data-parallel: rank 0 holds the lock and writes; every rank computes its shard
+    with store.locked(key) if main else contextlib.nullcontext():
+        stored = _load(store, key, where) if main else None
+        if distributed.broadcast_object(stored is not None) and not main:
+            stored = _load(store, key, where)
         logits = compute(stored)
         info = {"source": "store" if stored is not None else "computed", "key": key}
-        if stored is None:
+        if stored is None and main:
             folder = store.entry_dir(key)
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".{OUTPUTS_FILE}.{os.getpid()}.tmp"

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd_runner import checkpoints, inference, report
+from kd_runner import checkpoints, distributed, inference, report
 from kd_runner.compute import prepare_model, resolve_compute
 from kd_runner.config import Trainer, preflight
 from kd_runner.data import build_data
@@ -51,7 +51,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     fails only warns, and they are closed however the run ends."""
     wall0 = time.perf_counter()
     checked = preflight(cfg)
-    trackers = build_trackers(cfg, run_dir)
+    trackers = build_trackers(cfg, run_dir) if distributed.is_main() else Trackers([])
     status = "failed"
     try:
         rep = _run(cfg, run_dir, checked, trackers, wall0)
@@ -72,7 +72,10 @@ def _run(cfg: DictConfig, run_dir: Path, checked: tuple, trackers: Trackers, wal
         torch.set_num_threads(trainer.num_threads)
     allocator = keep_freed_memory()
     torch.use_deterministic_algorithms(trainer.deterministic, warn_only=True)
-    device = resolve_device(trainer.device)
+    device = distributed.resolve_device(resolve_device(trainer.device))
+    if trainer.sync_bn and distributed.enabled() and device.type != "cuda":
+        raise UserError(f"trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm does not run on "
+                        f"{device.type}); use trainer.sync_bn=false")
     timings: dict[str, float] = {}
     cfg_hash = report.config_hash(cfg)
     state_tag = f"config {cfg_hash}, seed {seed}, teacher_seed {cfg.teacher_seed}"
@@ -80,7 +83,7 @@ def _run(cfg: DictConfig, run_dir: Path, checked: tuple, trackers: Trackers, wal
 
     t0 = time.perf_counter()
     set_cache_dir(Path(str(cfg.paths.cache_dir)))
-    data = build_data(cfg.dataset, trainer.data_path, trainer.num_workers)
+    data = build_run_data(cfg, trainer)
     env = make_env(trainer, data, device)
     no_graphs = graphs_reason(env, str(cfg.optimizer.name))
     if trainer.cuda_graphs == "on" and no_graphs is not None:
@@ -93,9 +96,9 @@ def _run(cfg: DictConfig, run_dir: Path, checked: tuple, trackers: Trackers, wal
     teacher = None
     if method.needs_teacher:
         seed_everything(derive_seed(int(cfg.teacher_seed), SEED_TEACHER))
-        teacher = prepare_model(build_model(cfg.teacher, shape, classes), device, env.compute)
+        teacher = sync_bn(prepare_model(build_model(cfg.teacher, shape, classes), device, env.compute), trainer)
     seed_everything(derive_seed(seed, SEED_STUDENT_INIT))
-    student_init = prepare_model(build_model(cfg.student, shape, classes), device, env.compute)
+    student_init = sync_bn(prepare_model(build_model(cfg.student, shape, classes), device, env.compute), trainer)
     extra, teacher_shapes = build_extra(method, student_init, teacher, student_train, env, classes, seed)
     outputs_note, cache_device = None, None
     if outputs_mode == "cache":  # decided now, before any training: a cache that cannot fit runs live instead
@@ -104,6 +107,10 @@ def _run(cfg: DictConfig, run_dir: Path, checked: tuple, trackers: Trackers, wal
     elif outputs_mode == "views":
         outputs_mode, outputs_note, cache_device = fit_view_cache(len(student_train), augments["student"].num_views,
                                                                   classes, device, trainer.teacher_outputs_max_gb)
+    # memory differs between ranks: rank 0's choice holds for all (every rank serves the same teacher outputs)
+    outputs_mode, outputs_note, cache_device = distributed.broadcast_object((outputs_mode, outputs_note, cache_device))
+    if cache_device is not None:
+        cache_device = distributed.resolve_device(torch.device(cache_device.type))
     if outputs_note:
         print(f"kd-train: {outputs_note}", flush=True)
     models_built = {"student": student_init, **({"teacher": teacher} if teacher is not None else {})}
@@ -181,12 +188,32 @@ def _run(cfg: DictConfig, run_dir: Path, checked: tuple, trackers: Trackers, wal
         _export(cfg, {r: m for r, m in trained.items() if m is not None}, models, data, run_dir)
         timings["export"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - wall0
-    rep = report.write(run_dir, cfg=cfg, data=data, labelled=len(labelled), method=method, models=models,
-                       teacher=teacher_info, histories=histories, timings=timings, device=device,
-                       execution=run_paths(env, data, models_built, str(cfg.optimizer.name), allocator))
-    shutil.rmtree(state_dir, ignore_errors=True)  # the report is complete: resume state is no longer needed
+    rep = None
+    if distributed.is_main():
+        execution = run_paths(env, data, models_built, str(cfg.optimizer.name), allocator)
+        execution["distributed"] = {**distributed.describe(), "sync_bn": trainer.sync_bn and distributed.enabled()}
+        rep = report.write(run_dir, cfg=cfg, data=data, labelled=len(labelled), method=method, models=models,
+                           teacher=teacher_info, histories=histories, timings=timings, device=device,
+                           execution=execution)
+        shutil.rmtree(state_dir, ignore_errors=True)  # the report is complete: resume state is no longer needed
     data.close()
-    return rep
+    return distributed.broadcast_object(rep)  # every rank returns rank 0's report (a sweeper's objective)
+
+
+def build_run_data(cfg: DictConfig, trainer: Trainer) -> DataBundle:
+    """The run's data. In a data-parallel run rank 0 decodes first (writing the decode cache) and the other ranks
+    follow with its data path (``trainer.data_path=auto`` would judge memory after rank 0 took its share)."""
+    path = trainer.data_path
+    data = build_data(cfg.dataset, path, trainer.num_workers) if distributed.is_main() else None
+    path = distributed.broadcast_object(data.path if data is not None else None)
+    return data if data is not None else build_data(cfg.dataset, path, trainer.num_workers)
+
+
+def sync_bn(model: nn.Module, trainer: Trainer) -> nn.Module:
+    """``trainer.sync_bn`` in a data-parallel run: BatchNorm layers normalise over the global batch."""
+    if trainer.sync_bn and distributed.enabled():
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def _teacher_outputs(cfg: DictConfig, trainer: Trainer, method: Method, teacher: nn.Module, train: Split,
@@ -293,7 +320,7 @@ def make_env(trainer: Trainer, data: DataBundle, device: torch.device) -> Env:
     compute = resolve_compute(trainer.channels_last, trainer.amp, trainer.compile, trainer.deterministic, device,
                               trainer.cuda_graphs)
     return Env(device, Normalizer(data.mean, data.std), trainer.batch_size, trainer.eval_batch_size,
-               trainer.progress, compute=compute, data_on_device=trainer.data_on_device)
+               trainer.progress and distributed.is_main(), compute=compute, data_on_device=trainer.data_on_device)
 
 
 def fit_teacher_cache(n_train: int, classes: int, teacher_shapes: dict[str, torch.Size], device: torch.device,
@@ -390,8 +417,9 @@ def claim_state_dir(run_dir: Path, cfg_hash: str, tag: str) -> Path:
         )
     for path in sorted(state_dir.glob("*.pt")):
         check_state_tag(path, tag)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, cfg_hash + "\n")
+    if distributed.is_main():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, cfg_hash + "\n")
     return state_dir
 
 
@@ -402,7 +430,9 @@ def _evaluate(role: str, model: nn.Module, extra: nn.Module | None, res: PhaseRe
     info: dict = {"arch": OmegaConf.to_container(model_cfg, resolve=True), "params": count_params(model),
                   "test_acc": round(predict_accuracy(model, data.test, env), 4)}
     ckpt = run_dir / "checkpoints" / f"{role}.pt"
-    info["size_bytes"] = checkpoints.save(ckpt, model, model_cfg, data.input_shape(), data.num_classes, extra)
+    main = distributed.is_main()  # only rank 0 writes; every rank evaluates its shard of the test split
+    if main:
+        info["size_bytes"] = checkpoints.save(ckpt, model, model_cfg, data.input_shape(), data.num_classes, extra)
     info["checkpoint"] = str(ckpt.relative_to(run_dir))
     if res is not None:
         info["epochs"] = len(res.history)
@@ -417,12 +447,14 @@ def _evaluate(role: str, model: nn.Module, extra: nn.Module | None, res: PhaseRe
             if extra is not None and res.best_state.get("extra"):
                 extra.load_state_dict(res.best_state["extra"])
             info["test_acc_best_val"] = round(predict_accuracy(model, data.test, env), 4)
-            checkpoints.save(run_dir / "checkpoints" / f"{role}_best.pt", model, model_cfg, data.input_shape(),
-                             data.num_classes, extra)
+            if main:
+                checkpoints.save(run_dir / "checkpoints" / f"{role}_best.pt", model, model_cfg, data.input_shape(),
+                                 data.num_classes, extra)
             model.load_state_dict(last)
             if last_extra is not None:
                 extra.load_state_dict(last_extra)
-    info.update(inference.measure(model, data.input_shape(), env.device, env.eval_batch_size, trainer.bench_iters,
-                                  env.compute))
+    if main:  # timed on rank 0 alone
+        info.update(inference.measure(model, data.input_shape(), env.device, env.eval_batch_size,
+                                      trainer.bench_iters, env.compute))
     info["eval_seconds"] = round(time.perf_counter() - t0, 3)
     return info

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import difflib
 import errno
-import fcntl
 import gzip
 import hashlib
 import io
@@ -164,30 +163,29 @@ def _existing_cache(cache: Path) -> Path:
 
 @contextlib.contextmanager
 def _entry_lock(root: Path, key: str, what: str) -> Iterator[None]:
-    """The store's own lock of ``key`` (``<root>/<key>.lock``, as kd-train takes it), without waiting.
+    """The store's own claim on ``key`` (``<root>/<key>.claim``, as kd-train takes it), without waiting.
 
-    A store that cannot be written (someone else's cache, read-only) is read without the lock.
+    A claim left by a dead job is taken over, as kd-train does. A store that cannot be written (someone else's
+    cache, read-only) is read without the claim.
     """
+    from kd_runner.store_lock import ClaimTimeout, StoreClaim
+
+    claim = StoreClaim(root, key, who=PROG)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / f"{key}.lock", "w")  # closed below
+        claim.acquire(timeout_s=0)
+    except ClaimTimeout as err:
+        holder = err.holder.holder() if err.holder is not None else "another job"
+        raise StoreError(f"{root.name}/{key} is being trained by a running kd-train job ({holder}, it holds "
+                         f"'{claim.path}'); {what} it once that job is done") from None
     except OSError:
         if what == "import":
             raise
         yield
         return
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"{root.name}/{key} is being trained by a running kd-train job (it holds "
-                             f"'{root / key}.lock'); {what} it once that job is done") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
     finally:
-        lock.close()
+        claim.release()
 
 
 def _arch(model_cfg: dict) -> str:

@@ -38,7 +38,8 @@ RUN_OUTPUTS = ("report.json", "report.md", "metrics.csv", "curves.png", "error.t
 RUN_OUTPUT_DIRS = ("checkpoints", "state", "export", "tensorboard", "wandb")
 OUTPUT_HINT = "set KD_OUTPUT_DIR or paths.output_dir to a writable directory"
 CACHE_HINT = "set KD_CACHE_DIR or paths.cache_dir to a writable directory"
-STARTED = datetime.now()
+# this process's start and pid; in a data-parallel run rank 0's, so every rank names the same run dir
+IDENTITY = {"started": datetime.now(), "pid": os.getpid()}
 
 
 def _register_resolvers() -> None:
@@ -49,9 +50,10 @@ def _register_resolvers() -> None:
     starts is the dir Hydra then creates; cached in the config, so sweep workers see the main process's values.
     """
     if not OmegaConf.has_resolver("kd_now"):
-        OmegaConf.register_new_resolver("kd_now", lambda pattern: STARTED.strftime(pattern), use_cache=True)
+        OmegaConf.register_new_resolver("kd_now", lambda pattern: IDENTITY["started"].strftime(pattern),
+                                        use_cache=True)
     if not OmegaConf.has_resolver("kd_pid"):
-        OmegaConf.register_new_resolver("kd_pid", lambda: str(os.getpid()), use_cache=True)
+        OmegaConf.register_new_resolver("kd_pid", lambda: str(IDENTITY["pid"]), use_cache=True)
 
 
 _register_resolvers()
@@ -124,6 +126,10 @@ class RunDirTaken(UserError):
 
 
 def _report_user_error(err: UserError, run_dir: Path | None = None) -> None:
+    from kd_runner import distributed
+
+    if not distributed.is_main():  # every rank meets the same error; rank 0 says it
+        return
     print(f"kd-train: error: {err}", file=sys.stderr)
     if run_dir is not None and _may_write_error(run_dir, err):
         (run_dir / "error.txt").write_text(f"{err}\n")
@@ -416,8 +422,11 @@ class SweepJob:
 
     def record(self, status: str, reason: str | None = None, kind: str | None = None,
                config_hash: str | None = None) -> None:
+        from kd_runner import distributed
         from kd_runner.summary import write_job_record
 
+        if not distributed.is_main():  # rank 0 speaks for a data-parallel job
+            return
         try:
             write_job_record(self.sweep_dir, self.num, self.dir, self.overrides, status, reason, kind, config_hash)
         except OSError as err:
@@ -482,6 +491,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    try:  # a Slurm task of a multi-task job joins its process group here (torchrun ranks did in main)
+        main_rank = _join_data_parallel()
+    except UserError as err:
+        _report_user_error(err)
+        sys.exit(EXIT_USER_ERROR)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     job = SweepJob(hydra_cfg, run_dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
@@ -493,6 +507,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if job is None:
             _report_user_error(err, run_dir)
             sys.exit(EXIT_USER_ERROR)
+        if not main_rank:
+            return float("nan")
         print(f"kd-train: sweep job {job.num} failed: {err}", file=sys.stderr)
         if _may_write_error(run_dir, err):
             (run_dir / "error.txt").write_text(f"{err}\n")
@@ -503,12 +519,23 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         where = (f"hydra.sweep.dir ({job.sweep_dir})" if job is not None else f"hydra.run.dir ({run_dir})")
         if job is not None:
             job.record("failed", f"stopped by {stop}", "stopped")
-        print(f"kd-train: stopped by {stop}; state up to the last finished epoch is in {run_dir / 'state'}; "
-              f"rerun the same command with the same {where} to resume", file=sys.stderr)
+        if not main_rank:
+            from kd_runner import distributed
+
+            print(f"kd-train: rank {distributed.rank()} stopped by {stop}", file=sys.stderr)
+        else:
+            print(f"kd-train: stopped by {stop}; state up to the last finished epoch is in {run_dir / 'state'}; "
+                  f"rerun the same command with the same {where} to resume", file=sys.stderr)
         sys.exit(128 + stop.signum)
     except Exception as exc:
         reason = _crash_reason(exc)
-        _write_crash(run_dir, reason)
+        if _lost_peer(exc):  # the rank that stopped or failed says why; this one only says it could not go on
+            print(f"kd-train: a process of this data-parallel run stopped or failed, so this one stops too "
+                  f"({reason[:100]}); state up to the last finished epoch is in {run_dir / 'state'}; rerun to resume",
+                  file=sys.stderr)
+            sys.exit(EXIT_CRASH)
+        if main_rank:
+            _write_crash(run_dir, reason)
         if job is None:
             raise
         traceback.print_exc()
@@ -521,36 +548,95 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return value
 
 
+def _launched_data_parallel() -> bool:
+    """Whether a launcher started this process as one of several (torchrun, a multi-task Slurm job); read from
+    the environment without importing torch, so a one-process kd-train starts as fast as before."""
+    def count(name: str) -> int:
+        value = os.environ.get(name, "")
+        return int(value) if value.isdigit() else 1
+
+    tasks = max(count("SLURM_NTASKS"), count("SUBMITIT_LOCAL_NTASKS")) if "SUBMITIT_EXECUTOR" in os.environ else 1
+    return count("WORLD_SIZE") > 1 or tasks > 1
+
+
+def _join_data_parallel() -> bool:
+    """Join the run's process group when launched data-parallel (once); True on rank 0 (and in a one-process run).
+
+    Ranks other than 0 agree on rank 0's start time and pid (the default run dir's name), print nothing to
+    stdout and leave Hydra's own files and logs to rank 0."""
+    if not _launched_data_parallel():
+        return True
+    from kd_runner import distributed
+
+    if not distributed.enabled():
+        distributed.init_from_env()
+        atexit.register(distributed.shutdown)
+        IDENTITY.update(distributed.broadcast_object(dict(IDENTITY)))
+        if not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return distributed.is_main()
+
+
+def _precheck_on_rank0(args: list[str], main_rank: bool) -> Path | None:
+    """:func:`precheck` (which reads the run dir) on rank 0 alone; its verdict reaches every rank, which fail
+    with it together."""
+    if not _launched_data_parallel():
+        return precheck(args)
+    from kd_runner import distributed
+
+    outcome: tuple = (None, None)
+    if main_rank:
+        try:
+            outcome = (precheck(args), None)
+        except UserError as err:
+            outcome = (None, err)
+    sweep_dir, err = distributed.broadcast_object(outcome)
+    if err is not None:
+        raise err
+    return sweep_dir
+
+
+QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """An error raised because another rank of a data-parallel run is gone (a collective lost its peer)."""
+    from kd_runner import distributed
+
+    if not distributed.enabled():
+        return False
+    import torch.distributed as dist
+
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "ProcessGroup"))
+
+
 def _run_job(cfg: DictConfig, run_dir: Path, job: SweepJob | None) -> tuple[float, str, str]:
-    """Lock the run dir, validate, skip or refuse what is there, run; ``(objective, status, config hash)``."""
-    from kd_runner import pipeline
-    from kd_runner.report import config_hash
+    """Lock the run dir, validate, skip or refuse what is there, run; ``(objective, status, config hash)``.
+
+    In a data-parallel run rank 0 owns the run dir: it takes the lock and decides (run, skip, or the error),
+    and every rank follows that decision."""
+    from kd_runner import distributed, pipeline
 
     what, key = ("job dir", "hydra.sweep.dir") if job is not None else ("run dir", "hydra.run.dir")
-    locked = lock_run_dir(run_dir, what, key)
+    locked = False
     try:
-        overwrite = pop_overwrite(cfg)
-        trainer, *_ = pipeline.preflight(cfg)
-        check_dirs([("paths.cache_dir", Path(os.path.abspath(str(cfg.paths.cache_dir))), CACHE_HINT)])
-        cfg_hash = config_hash(cfg)
-        rep = complete_report(run_dir)
-        if rep is not None and not overwrite:
-            if rep.get("config_hash") != cfg_hash:
-                raise refuse_other_config(run_dir, rep, cfg_hash, what, key)
-            print(f"kd-train: {run_dir} already holds a complete report of this config; skipping")
-            fmt = str((cfg.get("export") or {}).get("format", "none"))
-            if fmt != "none" and not any("export" in m for m in (rep.get("models") or {}).values()):
-                print(f"kd-train: export={fmt} does not rerun a finished run; export it with: "
-                      f"kd-export {run_dir} --format {fmt}")
-            return objective(rep), "skipped", cfg_hash
-        if overwrite:
-            ckpt = cfg.teacher.get("checkpoint")
-            if ckpt and Path(os.path.realpath(str(ckpt))).is_relative_to(os.path.realpath(run_dir)):
-                raise UserError(f"teacher.checkpoint='{ckpt}' lies in the run dir that overwrite=true would clear; "
-                                "copy it elsewhere first, or choose another hydra.run.dir")
-            clear_run_outputs(run_dir)
-        (run_dir / "error_traceback.txt").unlink(missing_ok=True)
-        if trainer.num_threads is None:
+        decision: tuple = ("run", None, None)
+        if distributed.is_main():
+            try:
+                locked = lock_run_dir(run_dir, what, key)
+                decision = _prepare_run_dir(cfg, run_dir, what, key)
+            except UserError as err:
+                decision = ("error", err, None)
+        kind, value, cfg_hash = distributed.broadcast_object(decision)
+        if kind == "error":
+            raise value
+        if kind == "skip":
+            return value, "skipped", cfg_hash
+        if not distributed.is_main():
+            pop_overwrite(cfg)
+        if cfg.trainer.get("num_threads") is None:
             torch_threads_for_parallel_jobs()
         previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -563,6 +649,36 @@ def _run_job(cfg: DictConfig, run_dir: Path, job: SweepJob | None) -> tuple[floa
     finally:
         if locked:
             unlock_run_dir(run_dir)
+
+
+def _prepare_run_dir(cfg: DictConfig, run_dir: Path, what: str, key: str) -> tuple[str, float | None, str]:
+    """Validate, then skip, refuse or clear what the run dir holds: ``("skip", objective, hash)`` or
+    ``("run", None, hash)``."""
+    from kd_runner import pipeline
+    from kd_runner.report import config_hash
+
+    overwrite = pop_overwrite(cfg)
+    pipeline.preflight(cfg)
+    check_dirs([("paths.cache_dir", Path(os.path.abspath(str(cfg.paths.cache_dir))), CACHE_HINT)])
+    cfg_hash = config_hash(cfg)
+    rep = complete_report(run_dir)
+    if rep is not None and not overwrite:
+        if rep.get("config_hash") != cfg_hash:
+            raise refuse_other_config(run_dir, rep, cfg_hash, what, key)
+        print(f"kd-train: {run_dir} already holds a complete report of this config; skipping")
+        fmt = str((cfg.get("export") or {}).get("format", "none"))
+        if fmt != "none" and not any("export" in m for m in (rep.get("models") or {}).values()):
+            print(f"kd-train: export={fmt} does not rerun a finished run; export it with: "
+                  f"kd-export {run_dir} --format {fmt}")
+        return "skip", objective(rep), cfg_hash
+    if overwrite:
+        ckpt = cfg.teacher.get("checkpoint")
+        if ckpt and Path(os.path.realpath(str(ckpt))).is_relative_to(os.path.realpath(run_dir)):
+            raise UserError(f"teacher.checkpoint='{ckpt}' lies in the run dir that overwrite=true would clear; "
+                            "copy it elsewhere first, or choose another hydra.run.dir")
+        clear_run_outputs(run_dir)
+    (run_dir / "error_traceback.txt").unlink(missing_ok=True)
+    return "run", None, cfg_hash
 
 
 def _exit_if_jobs_failed(sweep_dir: Path | None) -> None:
@@ -624,14 +740,19 @@ def main() -> None:
         sys.exit(EXIT_USER_ERROR)
     args = sys.argv[1:]
     try:
+        main_rank = _join_data_parallel()  # torchrun: before Hydra names the run dir, so every rank names one dir
         check_overrides(args, config_dir())
-        sweep_dir = precheck(args)
+        sweep_dir = _precheck_on_rank0(args, main_rank)
     except UserError as err:
-        _report_user_error(err)
+        _report_user_error(err)  # rank 0 says it (every process, when no group could be joined)
         sys.exit(EXIT_USER_ERROR)
+    if not main_rank:
+        sys.argv += QUIET_RANK_OVERRIDES
     _hydra_main()
     from kd_runner.summary import ACTIVE_SWEEP
 
+    if not main_rank:
+        return
     if _is_multirun(args) or ACTIVE_SWEEP.get("dir") or sweep_dir is not None:  # -m, or a sweeper in the config
         _exit_if_jobs_failed(ACTIVE_SWEEP.get("dir") or sweep_dir)
 

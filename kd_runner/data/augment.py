@@ -35,28 +35,32 @@ class Augment:
     def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return self.draw(x, gen)[0]
 
-    def draw(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(self, x: torch.Tensor, gen: torch.Generator,
+             rows: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(views, view_ids)``: one random view per image and which one it is (int64, on the host).
 
         ``view_id = (dy * (2p+1) + dx) * F + flip`` with crop offset (dy, dx) in [0, 2p], F = 2 with
         h-flip (else 1, flip = 0); ``view(x, view_id)`` renders the same pixels. The generator draws
         are those of every earlier version (crop rows, crop columns, flips), so seeded runs repeat.
+        ``rows=(n, lo, hi)``: ``x`` is rows ``lo..hi`` of an ``n``-image global batch (one rank's share in a
+        data-parallel run); the draws are made for all ``n``, so the views are those one process would draw.
         """
         n, _, h, w = x.shape
+        total, lo, hi = rows if rows is not None else (n, 0, n)
         zeros = torch.zeros(n, dtype=torch.long)
         oy = ox = zeros
         if self.crop_padding > 0:
             p = self.crop_padding
             padded = F.pad(x, (p, p, p, p))
-            oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-            ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+            oy = torch.randint(0, 2 * p + 1, (total,), generator=gen)[lo:hi]
+            ox = torch.randint(0, 2 * p + 1, (total,), generator=gen)[lo:hi]
             oyd, oxd = oy.to(x.device), ox.to(x.device)
             rows = (oyd[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (N, H, 1)
             cols = (oxd[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (N, 1, W)
             x = padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
         flip = zeros
         if self.hflip:
-            flipped = torch.rand(n, generator=gen) < 0.5
+            flipped = torch.rand(total, generator=gen)[lo:hi] < 0.5
             x = torch.where(flipped.to(x.device)[:, None, None, None], x.flip(3), x)
             flip = flipped.long()
         ids = (oy * (2 * self.crop_padding + 1) + ox) * (2 if self.hflip else 1) + flip

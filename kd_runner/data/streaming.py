@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_runner.data import cifar, image_folder, mnist
 from kd_runner.data.cache import source_fingerprint
-from kd_runner.data.tensors import Split, draw_order
+from kd_runner.data.tensors import Split, batch_chunks, draw_order
 from kd_runner.errors import UserError, choices
 
 STREAMABLE = ("cifar10", "cifar100", "image_folder", "mnist")
@@ -242,8 +242,8 @@ class StreamSplit:
     # the batching surface of ``tensors.Split``: a streamed split is never staged whole on a device
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-                pin: bool = False) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        return stream_batches(self, batch_size, shuffle=shuffle, generator=generator, pin=pin)
+                pin: bool = False, shard: tuple[int, int] | None = None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        return stream_batches(self, batch_size, shuffle=shuffle, generator=generator, pin=pin, shard=shard)
 
     resident_bytes = None  # not held in memory: nothing to stage
     on_host = True
@@ -302,8 +302,10 @@ def stream_batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
     pin: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-    """Yield ``(indices, uint8 images, labels)`` exactly as ``tensors.batches`` does on the decoded split.
+    """Yield ``(indices, uint8 images, labels)`` exactly as ``tensors.batches`` does on the decoded split
+    (``shard``: this rank's part of each batch; its workers decode only that).
 
     The order is drawn once, up front, in this process, from ``generator`` only, so the generator is left
     in the same state as by the tensor path (augmentation draws from it next). Workers only decode the
@@ -313,7 +315,7 @@ def stream_batches(
     pin = pin and torch.cuda.is_available()
     n = len(split)
     order = draw_order(n, shuffle=shuffle, generator=generator)
-    idxs = [order[start : start + batch_size] for start in range(0, n, batch_size)]
+    idxs = batch_chunks(order, batch_size, shard)
     images = _load(split, [idx.tolist() for idx in idxs], pin)
     for idx, xb in zip(idxs, images, strict=True):
         yb = split.labels[idx]

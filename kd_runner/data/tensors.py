@@ -43,8 +43,9 @@ class Split:
     # the batching surface the engine uses; ``streaming.StreamSplit`` offers the same one
 
     def batches(self, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-                pin: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return batches(self, batch_size, shuffle=shuffle, generator=generator, pin=pin)
+                pin: bool = False, shard: tuple[int, int] | None = None,
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return batches(self, batch_size, shuffle=shuffle, generator=generator, pin=pin, shard=shard)
 
     @property
     def resident_bytes(self) -> int:
@@ -134,6 +135,29 @@ def draw_order(n: int, *, shuffle: bool, generator: torch.Generator | None = Non
     return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
 
 
+def global_batch_sizes(n: int, batch_size: int, world: int = 1) -> list[int]:
+    """Sizes of the global batches an epoch over ``n`` images makes. Split over ``world`` ranks, a last batch too
+    small to give every rank two images (BatchNorm needs two) is dropped: at most ``2 * world - 1`` images an
+    epoch."""
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    if world > 1 and sizes and sizes[-1] < 2 * world:
+        sizes.pop()
+    return sizes
+
+
+def batch_chunks(order: torch.Tensor, batch_size: int, shard: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """The epoch's batches of sample indices; with ``shard=(rank, world)`` this rank's contiguous part of each global
+    batch (``distributed.shard_bounds``), so the ranks together see exactly the batches one process would."""
+    from kd_runner.distributed import shard_bounds
+
+    world = shard[1] if shard is not None else 1
+    chunks = [order[start : start + size] for start, size in
+              zip(range(0, len(order), batch_size), global_batch_sizes(len(order), batch_size, world), strict=False)]
+    if world == 1:
+        return chunks
+    return [c[slice(*shard_bounds(len(c), shard[0], world))] for c in chunks]
+
+
 def batches(
     split: Split,
     batch_size: int,
@@ -141,8 +165,10 @@ def batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
     pin: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(indices, uint8 images, labels)``; the order comes from ``generator`` only.
+    """Yield ``(indices, uint8 images, labels)``; the order comes from ``generator`` only (``shard``: this
+    rank's part of each batch, see ``batch_chunks``).
 
     The order is drawn on the CPU whatever the split's device, so a GPU-resident split gives
     the same batches as a host one. ``pin`` gathers host batches into page-locked memory so the
@@ -151,8 +177,7 @@ def batches(
     """
     n = len(split)
     order = draw_order(n, shuffle=shuffle, generator=generator).to(split.images.device)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
+    for idx in batch_chunks(order, batch_size, shard):
         if pin:
             images = torch.empty((len(idx), *split.images.shape[1:]), dtype=split.images.dtype, pin_memory=True)
             torch.index_select(split.images, 0, idx, out=images)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_runner import distributed
 from kd_runner.errors import UserError, choices, number
 from kd_runner.methods.base import Batch, LayerPairMethod, Outputs, Setup, cross_entropy, nonneg
 
@@ -105,13 +106,16 @@ class ContrastMemory(nn.Module):
         out_s = torch.exp(torch.bmm(rows_t, e_s.unsqueeze(2)).squeeze(2) / nce_t)  # student anchor, teacher bank
         out_t = torch.exp(torch.bmm(rows_s, e_t.unsqueeze(2)).squeeze(2) / nce_t)  # teacher anchor, student bank
         with torch.no_grad():
-            fresh = torch.stack([out_s.mean(), out_t.mean()]) * self.n_data
+            fresh = distributed.mean_across(torch.stack([out_s.mean(), out_t.mean()])) * self.n_data
             z = torch.where(self.z < 0, fresh, self.z)  # set once, from the first batch
             self.z.copy_(z)
         out_s, out_t = out_s / z[0], out_t / z[1]
         with torch.no_grad():
+            # every rank moves the rows of every rank's images: the banks stay identical across ranks
+            index = distributed.gather_cat(index)
             for bank, emb in ((self.memory_s, e_s), (self.memory_t, e_t)):
-                rows = bank.index_select(0, index) * nce_m + emb.detach() * (1 - nce_m)
+                emb = distributed.gather_cat(emb.detach().to(bank.dtype))
+                rows = bank.index_select(0, index) * nce_m + emb * (1 - nce_m)
                 bank.index_copy_(0, index, rows / rows.norm(dim=1, keepdim=True))
         return out_s, out_t
 
