@@ -14,6 +14,7 @@ from kd_runner.data.augment import Augment, phase_augments
 from kd_runner.errors import UserError, choices, number
 from kd_runner.methods.base import Method
 from kd_runner.optim import build_optimizer, build_scheduler
+from kd_runner.store_lock import lock_timing
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TEACHER_OUTPUTS = ("auto", "cache", "live", "views")
@@ -45,6 +46,7 @@ class Trainer:
     num_workers: int = 2
     teacher_outputs_max_gb: float | None = None
     sync_bn: bool = False
+    teacher_outputs_store: bool = True
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Trainer:
@@ -71,6 +73,7 @@ class Trainer:
             teacher_outputs_max_gb=None if cfg.get("teacher_outputs_max_gb") is None
             else number(cfg.teacher_outputs_max_gb, "trainer.teacher_outputs_max_gb"),
             sync_bn=_bool(cfg, "sync_bn"),
+            teacher_outputs_store=_bool(cfg, "teacher_outputs_store", True),
         )
         if t.teacher_outputs_max_gb is not None and t.teacher_outputs_max_gb < 0:
             raise UserError(f"trainer.teacher_outputs_max_gb={t.teacher_outputs_max_gb:g} is invalid; it must be >= 0 "
@@ -90,8 +93,8 @@ class Trainer:
         return t
 
 
-def _bool(cfg: DictConfig, key: str) -> bool:
-    value = cfg.get(key, False)
+def _bool(cfg: DictConfig, key: str, default: bool = False) -> bool:
+    value = cfg.get(key, default)
     if not isinstance(value, bool):
         raise UserError(f"trainer.{key}={value!r} is invalid; it must be true or false")
     return value
@@ -133,6 +136,7 @@ def validate(cfg: DictConfig) -> Trainer:
         raise UserError(f"augment.phases={phases!r} is invalid; give a list, e.g. [teacher,baseline,student]")
     trainer = Trainer.from_cfg(cfg.trainer)
     distributed.check_batch("trainer.batch_size", trainer.batch_size)
+    lock_timing()  # a bad KD_STORE_STALE_AFTER_S fails now, not when the first store key is claimed
     probe = torch.nn.Parameter(torch.zeros(1))
     try:  # torch's own range checks (momentum with nesterov, negative decay, factor >= 1, ...)
         optimizer = build_optimizer(cfg.optimizer, [probe])

@@ -182,7 +182,7 @@ def _run(cfg: DictConfig, run_dir: Path, checked: tuple, trackers: Trackers, wal
     models["student"]["init_hash"] = init_hash
     histories += res.history
 
-    if str((cfg.get("export") or {}).get("format", "none")) != "none":
+    if str((cfg.get("export") or {}).get("format", "none")) != "none" and distributed.is_main():
         t0 = time.perf_counter()
         trained = {"teacher": teacher, "baseline": baseline, "student": student}
         _export(cfg, {r: m for r, m in trained.items() if m is not None}, models, data, run_dir)
@@ -226,7 +226,8 @@ def _teacher_outputs(cfg: DictConfig, trainer: Trainer, method: Method, teacher:
         return TeacherOutputs(teacher, method.teacher_taps, env, train, mode, augment=augment,
                               cache_device=cache_device, reduce=method.reduce_teacher, precomputed=precomputed)
 
-    if mode not in ("cache", "views") or method.teacher_taps or not trainer.teacher_cache:
+    if mode not in ("cache", "views") or method.teacher_taps or not (trainer.teacher_cache and
+                                                                     trainer.teacher_outputs_store):
         return build(), None
     key = outputs_key(teacher, fingerprint, mode, augment, env.compute.describe(), env.device.type)
     built: dict[str, TeacherOutputs] = {}

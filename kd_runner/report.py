@@ -28,7 +28,8 @@ def config_hash(cfg: DictConfig) -> str:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for key in HASH_EXCLUDED:
         resolved.pop(key, None)
-    resolved.get("trainer", {}).pop("progress", None)
+    for key in ("progress", "teacher_outputs_store"):  # how a run shows progress or reuses outputs, not its result
+        resolved.get("trainer", {}).pop(key, None)
     for key in DATASET_LOCATION_KEYS:  # where the data sits is not what the run computes (a requeue may move it)
         resolved.get("dataset", {}).pop(key, None)
     return stable_hash(resolved)

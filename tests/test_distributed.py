@@ -89,8 +89,9 @@ def test_torchrun_two_processes_match_one(runs):
 
 
 def test_torchrun_sigterm_then_rerun_resumes_to_the_same_run(runs):
-    base, cut = runs["base"], runs["base"] / "cut"
-    proc = _run(TORCHRUN, ARGS, base, cut, env={"KD_CACHE_DIR": str(base / "c3")}, wait=False)
+    # the two-process run's stores: teacher, baseline and teacher pass load, the student phase trains and is cut
+    base, cut, store = runs["base"], runs["base"] / "cut", {"KD_CACHE_DIR": str(runs["base"] / "c2")}
+    proc = _run(TORCHRUN, ARGS, base, cut, env=store, wait=False)
     deadline = time.time() + 240
     while not (cut / "state" / "student.pt").is_file():  # stop it in the student phase, after its first epoch
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
@@ -99,7 +100,7 @@ def test_torchrun_sigterm_then_rerun_resumes_to_the_same_run(runs):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "kd-train: stopped by SIGTERM" in err and not (cut / "report.json").exists()
-    again = _run(TORCHRUN, ARGS, base, cut, env={"KD_CACHE_DIR": str(base / "c3")})
+    again = _run(TORCHRUN, ARGS, base, cut, env=store)
     assert again.returncode == 0, again.stderr[-3000:]
     _assert_same_run(runs["two"], cut)
 
