@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -38,6 +37,7 @@ from kd_runner.utils import (
     code_hash,
     resolve_device,
     stable_hash,
+    torchvision_version,
 )
 
 
@@ -58,7 +58,7 @@ def _training_material(cfg: DictConfig, epochs: int, data_fingerprint: dict, aug
                      "deterministic": cfg.trainer.deterministic, "augment": repr(augment),
                      # bf16 autocast changes the weights a run ends with; "auto" resolves per device (below)
                      "amp": str(cfg.trainer.get("amp", "auto"))},
-        "versions": {"torch": _major_minor(torch.__version__), "torchvision": _major_minor(torchvision.__version__),
+        "versions": {"torch": _major_minor(torch.__version__), "torchvision": _major_minor(torchvision_version()),
                      "kd_runner": __version__, "kd_runner_code": code_hash()},
         "device": resolve_device(str(cfg.trainer.device)).type,
     }

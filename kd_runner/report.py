@@ -36,9 +36,9 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def versions() -> dict:
-    import torchvision
+    from kd_runner.utils import torchvision_version
 
-    return {"kd_runner": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"kd_runner": __version__, "torch": torch.__version__, "torchvision": torchvision_version(),
             "python": platform.python_version()}
 
 

@@ -632,13 +632,12 @@ def _place(cache: Path, staged: Path, rec: dict, meta: dict) -> str:
 def _compat_note(rec: dict, meta: dict, placed: Path) -> str | None:
     """Why kd-train on this machine would compute another key for the entry, if it would."""
     import torch
-    import torchvision
 
     from kd_runner.model_store import _major_minor
-    from kd_runner.utils import code_hash
+    from kd_runner.utils import code_hash, torchvision_version
 
     versions = _dict(_dict(meta.get("key_material")).get("versions"))
-    here = {"torch": _major_minor(torch.__version__), "torchvision": _major_minor(torchvision.__version__),
+    here = {"torch": _major_minor(torch.__version__), "torchvision": _major_minor(torchvision_version()),
             "kd_runner_code": code_hash()}
     diff = [f"{k} {versions.get(k)} (here {v})" for k, v in here.items() if versions.get(k) != v]
     if not diff:

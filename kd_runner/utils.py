@@ -153,6 +153,14 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def torchvision_version() -> str:
+    """torchvision's version from its package metadata: importing torchvision for it costs ~1.8 s (its ops import
+    torch._dynamo), paid by every kd-train process that never builds a torchvision model."""
+    from importlib.metadata import version
+
+    return version("torchvision")
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -250,3 +250,14 @@ def test_cli_decoded_cache_goes_to_configured_cache_dir(gray_run):
     assert list((base / "configured-cache").glob("datasets/image_folder-*.pt"))
     assert not list((base / "cache").glob("datasets/*.pt"))  # KD_CACHE_DIR lost to paths.cache_dir
     assert not (base / "outputs" / ".cache").exists()
+
+
+def test_digits_read_without_scikit_learn_are_load_digits():
+    """dataset=digits reads scikit-learn's bundled file itself (no 1.4 s sklearn import): the same arrays."""
+    from sklearn.datasets import load_digits
+
+    from kd_runner.data.digits import bundled_digits
+
+    images, targets = bundled_digits()
+    ref = load_digits()
+    assert np.array_equal(images, ref.images) and np.array_equal(targets, ref.target)

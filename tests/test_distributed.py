@@ -25,6 +25,7 @@ from helpers import cli_env, merge_overrides, read_metrics
 from kd_runner import distributed
 from kd_runner.data.augment import Augment
 from kd_runner.data.tensors import batch_chunks, global_batch_sizes
+from kd_runner.errors import UserError
 
 # no dropout, no BatchNorm; random crops + flips and the teacher-view cache exercise the augmentation draws and the
 # sharded teacher pass; 1437 training images in batches of 128 end with an uneven 29-image batch (15 + 14)
@@ -168,3 +169,39 @@ def test_a_ranks_views_are_its_rows_of_the_one_process_draw():
         part, part_ids = aug.draw(x[lo:hi], gen, rows=(10, lo, hi))
         assert torch.equal(part, full[lo:hi]) and torch.equal(part_ids, ids[lo:hi])
         assert torch.equal(gen.get_state(), gen_full.get_state())  # the next batch's draws start alike too
+
+
+def _collectives(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    distributed.init_from_env()
+    try:
+        assert distributed.enabled() and distributed.rank() == rank and distributed.describe()["backend"] == "gloo"
+        n = 7  # rank 0 holds rows 0..3, rank 1 rows 4..6
+        lo, hi = distributed.shard_bounds(n)
+        rows = torch.arange(n * 3, dtype=torch.float32).view(n, 3)
+        assert torch.equal(distributed.gather_rows(rows[lo:hi], n), rows)
+        mine = torch.full((rank + 1, 2), float(rank))  # 1 row on rank 0, 2 on rank 1
+        assert torch.equal(distributed.gather_cat(mine), torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
+        assert float(distributed.mean_across(torch.tensor(float(rank)))) == 0.5
+        assert distributed.broadcast_object({"from": rank}) == {"from": 0}
+        assert distributed.gather_objects(rank * 10) == [0, 10]
+        total = torch.tensor([float(rank + 1)])
+        distributed.all_reduce_sum(total)
+        assert float(total) == 3.0
+        with pytest.raises(UserError, match="trainer.batch_size=5 .* multiple of 2"):
+            distributed.check_batch("trainer.batch_size", 5)
+    finally:
+        distributed.shutdown()
+
+
+def test_collectives_on_two_ranks():
+    """The helpers the engine calls, on a real two-process gloo group (CRD's bank updates use gather_cat)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_collectives, args=(port,), nprocs=2, join=True)
