@@ -101,13 +101,14 @@ class TeacherOutputs:
     training image (``augment.num_views`` per image) and serves ``cache[idx, view_ids]``.
     All run under ``torch.inference_mode`` (no autograd bookkeeping) and the run's autocast. Tapped maps pass
     through ``reduce`` (the method's ``reduce_teacher``) before they are cached or served. ``precomputed``: logits
-    the store already holds for this teacher, data and mode (no teacher pass then).
+    (with taps, cache mode: logits and reduced maps) the store already holds for this teacher, data and mode (no
+    teacher pass then).
     """
 
     def __init__(self, teacher: nn.Module, taps: list[str], env: Env, split: Split, mode: str,
                  augment: Augment | None = None, cache_device: torch.device | None = None,
                  reduce: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
-                 precomputed: Tensor | None = None) -> None:
+                 precomputed: Tensor | Outputs | None = None) -> None:
         self.teacher, self.taps, self.env, self.mode = teacher, taps, env, mode
         self.reduce = reduce or (lambda feats: feats)  # the method's reduce_teacher: applied before caching
         self.cache: Outputs | None = None
@@ -119,12 +120,12 @@ class TeacherOutputs:
         for p in teacher.parameters():
             p.requires_grad_(False)
         compile_once(teacher, env.compute)
-        if precomputed is not None and (taps or mode not in ("cache", "views")):
-            raise ValueError("precomputed teacher outputs are logits only, for cache or views mode")
+        if precomputed is not None and (mode not in ("cache", "views") or (taps and mode != "cache")):
+            raise ValueError("precomputed teacher outputs are for cache mode, or views mode without taps")
         if mode in ("cache", "views"):
             start = time.perf_counter()
             if precomputed is not None:  # from the teacher-output store (kd_runner.output_store)
-                self.cache = Outputs(precomputed)
+                self.cache = precomputed if isinstance(precomputed, Outputs) else Outputs(precomputed)
             elif mode == "cache":
                 self.cache = self._run_over(split)
             else:

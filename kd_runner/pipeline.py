@@ -23,7 +23,7 @@ from kd_runner.data.tensors import DataBundle, Normalizer, Split, stratified_fra
 from kd_runner.engine import Env, PhaseResult, TeacherOutputs, check_state_tag, fit, predict_accuracy, probe_taps
 from kd_runner.errors import UserError
 from kd_runner.loggers import Trackers, build_trackers
-from kd_runner.methods.base import IGNORE, Method, Setup
+from kd_runner.methods.base import IGNORE, Method, Outputs, Setup
 from kd_runner.methods.ce import CE
 from kd_runner.model_store import baseline_key, load_or_train, teacher_key
 from kd_runner.models import build_model
@@ -219,22 +219,28 @@ def sync_bn(model: nn.Module, trainer: Trainer) -> nn.Module:
 def _teacher_outputs(cfg: DictConfig, trainer: Trainer, method: Method, teacher: nn.Module, train: Split,
                      fingerprint: dict, env: Env, mode: str, augment: Augment | None,
                      cache_device: torch.device | None) -> tuple[TeacherOutputs, dict | None]:
-    """The teacher's outputs for the student phase; logits-only caches come from (and go to) the output store,
-    so a sweep over methods and T runs the teacher pass once (``trainer.teacher_cache=false`` turns it off)."""
+    """The teacher's outputs for the student phase; caches come from (and go to) the output store, so a sweep over
+    methods and T runs the teacher pass once (``trainer.teacher_cache=false`` or ``teacher_outputs_store=false``
+    turn it off). With teacher taps the stored maps are the method's reduced ones, keyed by the taps and what the
+    reduction depends on."""
+    taps = list(method.teacher_taps)
 
-    def build(precomputed: torch.Tensor | None = None) -> TeacherOutputs:
-        return TeacherOutputs(teacher, method.teacher_taps, env, train, mode, augment=augment,
+    def build(precomputed=None) -> TeacherOutputs:
+        if isinstance(precomputed, dict):
+            precomputed = Outputs(precomputed["logits"], precomputed["feats"])
+        return TeacherOutputs(teacher, taps, env, train, mode, augment=augment,
                               cache_device=cache_device, reduce=method.reduce_teacher, precomputed=precomputed)
 
-    if mode not in ("cache", "views") or method.teacher_taps or not (trainer.teacher_cache and
-                                                                     trainer.teacher_outputs_store):
+    if mode not in ("cache", "views") or not (trainer.teacher_cache and trainer.teacher_outputs_store):
         return build(), None
-    key = outputs_key(teacher, fingerprint, mode, augment, env.compute.describe(), env.device.type)
+    reads = {"taps": taps, **method.reduce_identity()} if taps else None
+    key = outputs_key(teacher, fingerprint, mode, augment, env.compute.describe(), env.device.type, reads)
     built: dict[str, TeacherOutputs] = {}
 
-    def compute(stored: torch.Tensor | None) -> torch.Tensor:
+    def compute(stored):
         built["outputs"] = build(stored)
-        return built["outputs"].cache.logits
+        cache = built["outputs"].cache
+        return {"logits": cache.logits, "feats": cache.feats} if taps else cache.logits
 
     _, info = load_or_compute(store_root(cfg, "teacher_outputs"), key, compute, cache_device or env.device)
     return built["outputs"], info

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import helpers
 import pytest
@@ -34,10 +35,38 @@ def test_second_job_loads_the_teacher_pass_and_trains_the_same_student(run_cli, 
         (run_fresh / "report.json").read_text())["models"]["student"]["test_acc"]
 
 
-def test_feature_methods_are_not_stored(run_cli, tmp_path):
-    proc, run_dir = run_cli(["method=hint", "trainer.bench_iters=0"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "outputs_store" not in json.loads((run_dir / "report.json").read_text())["teacher"]
+def test_a_feature_method_stores_its_reduced_teacher_maps_and_a_later_run_trains_the_same(run_cli, tmp_path):
+    """method=at: the teacher's stage maps, reduced to attention maps, are stored; a later run (another job of a sweep
+    over seeds or weights) loads them and trains exactly as the run that computed them."""
+    args = ["method=at", "trainer.student_epochs=1", "trainer.teacher_outputs=cache", "trainer.bench_iters=0"]
+    first, run1 = run_cli(args, tmp_path, run_dir=tmp_path / "a")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again, run2 = run_cli(args, tmp_path, run_dir=tmp_path / "b")
+    assert again.returncode == 0, again.stderr[-2000:]
+    rep1, rep2 = (json.loads((d / "report.json").read_text()) for d in (run1, run2))
+    assert rep1["teacher"]["outputs_store"]["source"] == "computed"
+    assert rep2["teacher"]["outputs_store"] == {**rep1["teacher"]["outputs_store"], "source": "store"}
+    meta = json.loads((Path(rep1["teacher"]["outputs_store"]["path"]).parent / "meta.json").read_text())
+    reads = meta["key_material"]["reads"]
+    assert reads["taps"] and reads["p"] == 2.0 and reads["grids"]  # what the stored maps depend on is in the key
+    stored = torch.load(rep1["teacher"]["outputs_store"]["path"], weights_only=True)
+    assert set(stored["feats"]) == set(reads["taps"]) and all(v.dim() == 3 for v in stored["feats"].values())
+    s1, s2 = ([r for r in helpers.read_metrics(d) if r["phase"] == "student"] for d in (run1, run2))
+    assert [r["train_loss"] for r in s1] == [r["train_loss"] for r in s2]
+    assert rep1["models"]["student"]["test_acc"] == rep2["models"]["student"]["test_acc"]
+
+
+def test_every_method_that_reduces_teacher_maps_keys_what_the_reduction_reads():
+    """A method overriding reduce_teacher must override reduce_identity, or stored maps could serve another setting."""
+    from kd_runner.methods.base import Method
+    from kd_runner.methods.compose import Composite
+    from kd_runner.methods.registry import methods
+
+    classes = {**methods(), "composite": Composite}
+    assert {"at", "vid"} <= {n for n, c in classes.items() if c.reduce_teacher is not Method.reduce_teacher}
+    for name, cls in classes.items():
+        if cls.reduce_teacher is not Method.reduce_teacher:
+            assert cls.reduce_identity is not Method.reduce_identity, name
 
 
 def test_a_corrupt_entry_is_set_aside_and_recomputed(tmp_path, capsys):

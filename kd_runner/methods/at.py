@@ -63,6 +63,10 @@ class AT(LayerListMethod):
             self._teacher_grid[t] = grid if self._teacher_grid.get(t, grid) == grid else None
         return nn.ModuleDict()
 
+    def reduce_identity(self) -> dict:
+        return {"reduce": "attention_map(pool_to(grid), p)", "p": self.p,
+                "grids": {k: list(v) if v is not None else None for k, v in sorted(self._teacher_grid.items())}}
+
     def reduce_teacher(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         out = dict(feats)
         for name, grid in self._teacher_grid.items():

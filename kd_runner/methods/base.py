@@ -104,6 +104,11 @@ class Method:
         """The teacher's tapped outputs as ``loss`` reads them; default: unchanged."""
         return feats
 
+    def reduce_identity(self) -> dict:
+        """Everything ``reduce_teacher`` depends on (after ``bind``), for the key under which reduced teacher maps
+        are stored (``kd_runner.output_store``): a method that overrides ``reduce_teacher`` must override this."""
+        return {}
+
     def loss(self, student: Outputs, teacher: Outputs | None, batch: Batch, extra: nn.Module) -> dict[str, Tensor]:
         """Return ``{"total": ..., <part>: ...}``; every part is logged per epoch."""
         raise NotImplementedError

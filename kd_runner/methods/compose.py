@@ -46,6 +46,10 @@ class Composite(Method):
         parts = zip(self._labels(), self._parts(), strict=True)
         return nn.ModuleDict({label: part.extra_modules(setup) for label, part in parts})
 
+    def reduce_identity(self) -> dict:
+        return {"parts": [{"method": part.name, "taps": list(part.teacher_taps), **part.reduce_identity()}
+                          for part in self._parts()]}
+
     def reduce_teacher(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for i, part in enumerate(self._parts()):

@@ -114,6 +114,10 @@ class VID(LayerListMethod):
             self._teacher_grids[t_name] = grid
         return nn.ModuleDict({"regressors": nn.ModuleList(regressors)})
 
+    def reduce_identity(self) -> dict:
+        return {"reduce": "adaptive_avg_pool2d(grid)",
+                "grids": {k: list(v) if v is not None else None for k, v in sorted(self._teacher_grids.items())}}
+
     def reduce_teacher(self, feats: dict[str, Tensor]) -> dict[str, Tensor]:
         """Teacher maps larger than their student's grid, pooled to it once (before caching)."""
         out = dict(feats)
