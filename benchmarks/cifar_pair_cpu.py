@@ -16,23 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+try:  # run as a script (python benchmarks/x.py) or imported as benchmarks.x
+    from kd_cli import run_kd_train
+except ImportError:
+    from benchmarks.kd_cli import run_kd_train
 
 
 def run_pair(pair: str, train_subset: int, test_subset: int, epochs: int, extra: list[str], out: Path) -> dict:
     run_dir = out / pair
-    args = [sys.executable, "-m", "kd_runner.train", f"experiment={pair}", "dataset=cifar10",
+    args = [f"experiment={pair}", "dataset=cifar10",
             f"dataset.train_subset={train_subset}", f"dataset.test_subset={test_subset}",
             f"trainer.teacher_epochs={epochs}", f"trainer.student_epochs={epochs}",
             f"scheduler.milestones=[{max(1, epochs - 1)}]", "trainer.progress=false", "trainer.bench_iters=0",
             "trainer.teacher_cache=false", "trainer.baseline_cache=false", f"hydra.run.dir={run_dir}", *extra]
     env = {**os.environ, "KD_CACHE_DIR": str(out / ".cache")}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.exit(f"kd-train failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    run_kd_train(args, env)
     return json.loads((run_dir / "report.json").read_text())
 
 

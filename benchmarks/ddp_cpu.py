@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+try:  # run as a script (python benchmarks/x.py) or imported as benchmarks.x
+    from kd_cli import run_kd_train
+except ImportError:
+    from benchmarks.kd_cli import run_kd_train
 
 ROLES = ("teacher", "baseline", "student")
 
@@ -29,16 +32,10 @@ ROLES = ("teacher", "baseline", "student")
 def run_arm(procs: int, threads: int, overrides: list[str], work: Path) -> dict:
     out = work / f"{procs}x{threads}"
     env = {**os.environ, "KD_OUTPUT_DIR": str(out), "KD_CACHE_DIR": str(out / ".cache"), "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "kd_runner.train"] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-        "-m", "kd_runner.train"]
-    cmd = [*launcher, *overrides, f"trainer.num_threads={threads}", "trainer.progress=false",
-           f"hydra.run.dir={out / 'run'}"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    launcher = None if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        f"--nproc_per_node={procs}", "-m", "kd_runner.train"]
+    wall = run_kd_train([*overrides, f"trainer.num_threads={threads}", "trainer.progress=false",
+                         f"hydra.run.dir={out / 'run'}"], env, launcher)
     rep = json.loads((out / "run" / "report.json").read_text())
     return {"arm": f"{procs} proc x {threads} thread{'s' if threads > 1 else ''}", "procs": procs, "threads": threads,
             "wall_s": round(wall, 1), "world_size": rep["execution"]["distributed"]["world_size"],

@@ -18,25 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+try:  # run as a script (python benchmarks/x.py) or imported as benchmarks.x
+    from kd_cli import run_kd_train
+except ImportError:
+    from benchmarks.kd_cli import run_kd_train
 
 
 def arm(name: str, store: bool, grid: list[str], overrides: list[str], work: Path) -> dict:
     out = work / name.replace(" ", "_")
     env = {**os.environ, "KD_OUTPUT_DIR": str(out), "KD_CACHE_DIR": str(out / ".cache")}
-    cmd = [sys.executable, "-m", "kd_runner.train", "-m", *grid, *overrides, "trainer.progress=false",
-           "trainer.bench_iters=0", "trainer.teacher_outputs=cache",
-           f"trainer.teacher_outputs_store={str(store).lower()}",
-           f"hydra.sweep.dir={out / 'sweep'}"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    wall = run_kd_train(["-m", *grid, *overrides, "trainer.progress=false", "trainer.bench_iters=0",
+                         "trainer.teacher_outputs=cache", f"trainer.teacher_outputs_store={str(store).lower()}",
+                         f"hydra.sweep.dir={out / 'sweep'}"], env)
     reports = [json.loads(p.read_text()) for p in sorted((out / "sweep").glob("*/report.json"))]
     passes = [r for r in reports if r["teacher"].get("outputs") in ("cache", "views")
               and (r["teacher"].get("outputs_store") or {}).get("source") != "store"]

@@ -16,18 +16,14 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def kd_train(args: list[str], env: dict) -> None:
-    cmd = [sys.executable, "-m", "kd_runner.train", *args]
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+try:  # run as a script (python benchmarks/x.py) or imported as benchmarks.x
+    from kd_cli import run_kd_train
+except ImportError:
+    from benchmarks.kd_cli import run_kd_train
 
 
 def student_acc(report: Path) -> float:
@@ -50,7 +46,7 @@ def main() -> None:
 
     env_c = {**env, "KD_OUTPUT_DIR": str(work / "cached"), "KD_CACHE_DIR": str(work / "cached" / ".cache")}
     t0 = time.perf_counter()
-    kd_train(["-m", *common, f"method.T={a.T}", f"method.soft_weight={a.soft_weight}",
+    run_kd_train(["-m", *common, f"method.T={a.T}", f"method.soft_weight={a.soft_weight}",
               f"hydra.sweep.dir={work / 'cached' / 'sweep'}"], env_c)
     cached_s = time.perf_counter() - t0
 
@@ -58,7 +54,7 @@ def main() -> None:
     no_cache = ["trainer.teacher_cache=false", "trainer.baseline_cache=false", "trainer.teacher_outputs=live"]
     t0 = time.perf_counter()
     for i, (T, w) in enumerate(grid):
-        kd_train([*common, *no_cache, f"method.T={T}", f"method.soft_weight={w}",
+        run_kd_train([*common, *no_cache, f"method.T={T}", f"method.soft_weight={w}",
                   f"hydra.run.dir={work / 'independent' / str(i)}"], env_i)
     independent_s = time.perf_counter() - t0
 

@@ -20,14 +20,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from kd_runner.errors import UserError
+from kd_runner.launch_env import env_int as _env_int
+from kd_runner.launch_env import submitit_tasks
 
+T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 6 * 3600
 DEFAULT_JOIN_TIMEOUT_S = 600  # how long a rank waits for the others to start (Slurm tasks, torchrun nodes)
 _STATE: dict = {"rank": 0, "world": 1, "local_rank": 0, "backend": None}
@@ -58,19 +62,6 @@ def is_main() -> bool:
 def describe() -> dict:
     """What the report records about the process group."""
     return {"world_size": world(), "backend": _STATE["backend"] or "none (one process)"}
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip().lstrip("-").isdigit() else None
-
-
-def submitit_tasks() -> int:
-    """How many tasks the submitit job this process runs in has (1 outside one): Slurm's ``SLURM_NTASKS``, or
-    ``SUBMITIT_LOCAL_NTASKS`` under submitit's local executor (the same job path, run as local processes)."""
-    if "SUBMITIT_EXECUTOR" not in os.environ:
-        return 1
-    return max(_env_int("SLURM_NTASKS") or 1, _env_int("SUBMITIT_LOCAL_NTASKS") or 1)
 
 
 def _submitit_to_torch_env() -> None:
@@ -162,6 +153,15 @@ def main_first() -> Iterator[None]:
     finally:
         if enabled() and is_main():
             dist.barrier()
+
+
+def found_on_main(find: Callable[[], T | None], find_again: Callable[[], T | None] | None = None) -> T | None:
+    """Rank 0 looks something up (a store entry, checking it); when it found it, the other ranks read it too
+    (``find_again``, default ``find``: what rank 0 has just checked); None on every rank otherwise."""
+    found = find() if is_main() else None
+    if broadcast_object(found is not None) and not is_main():
+        found = (find_again or find)()
+    return found
 
 
 def broadcast_object(obj):

@@ -134,7 +134,11 @@ class ModelStore:
     @contextlib.contextmanager
     def locked(self, key: str, timeout_s: float | None = None) -> Iterator[None]:
         """Hold ``key`` for the body, waiting while another job (on any machine) holds it and taking over the
-        claim of a dead one; ``store_lock.ClaimTimeout`` (a TimeoutError) after ``timeout_s`` (None: no limit)."""
+        claim of a dead one; ``store_lock.ClaimTimeout`` (a TimeoutError) after ``timeout_s`` (None: no limit).
+        A data-parallel job holds it through rank 0; its other ranks pass straight in."""
+        if not distributed.is_main():
+            yield
+            return
         with claimed(self.root, key, stale_after_s=self.stale_after_s, heartbeat_s=self.heartbeat_s,
                      timeout_s=timeout_s):
             yield
@@ -230,19 +234,20 @@ def load_or_train(root: Path, key: tuple[str, dict] | None, model: nn.Module, mo
     store = ModelStore(root)
     entry = store.entry(key)
     info: dict = {}
-    main = distributed.is_main()  # data-parallel: rank 0 claims the key, checks and writes; every rank trains
-    with store.locked(key) if main else contextlib.nullcontext():
-        found = None
-        if main:
-            try:
-                found = store.load(key, model)
-            except CorruptEntry as err:
-                aside = store.set_aside(key)
-                print(f"kd-train: store entry {key} is corrupt ({err}); set aside to {aside}; retraining",
-                      file=sys.stderr, flush=True)
-                info["corrupt_entry"] = {"reason": str(err), "set_aside": str(aside)}
-        if distributed.broadcast_object(found is not None) and not main:
-            found = store.load(key, model)  # the entry rank 0 has just checked
+
+
+    def check_and_load() -> tuple[dict, dict | None] | None:
+        try:
+            return store.load(key, model)
+        except CorruptEntry as err:
+            aside = store.set_aside(key)
+            print(f"kd-train: store entry {key} is corrupt ({err}); set aside to {aside}; retraining",
+                  file=sys.stderr, flush=True)
+            info["corrupt_entry"] = {"reason": str(err), "set_aside": str(aside)}
+            return None
+
+    with store.locked(key):  # data-parallel: rank 0 claims the key, checks and writes; every rank trains
+        found = distributed.found_on_main(check_and_load, lambda: store.load(key, model))
         if found is not None:
             meta, best = found
             res = PhaseResult(history=meta.get("history", []), best_val_acc=meta.get("best_val_acc"),
@@ -252,14 +257,13 @@ def load_or_train(root: Path, key: tuple[str, dict] | None, model: nn.Module, mo
             return {"source": "cache", "key": key, "path": str(entry.resolve()),
                     "trained_in": meta.get("trained_in")}, res
         res = train()
-        if not main:
-            return {"source": "trained", "key": key, "path": str(entry.resolve()), **info}, res
-        best_bytes = _torch_bytes({"model": res.best_state["model"]}) if res.best_state is not None else None
-        model_bytes = _torch_bytes(checkpoints.payload(model, model_cfg, data.input_shape(), data.num_classes))
-        store.store(key, model_bytes, best_bytes,
-                    {"trained_in": str(run_dir.resolve()), "train_seconds": round(res.train_seconds, 3),
-                     "history": res.history, "best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
-                     "key_material": material})
+        if distributed.is_main():
+            best_bytes = _torch_bytes({"model": res.best_state["model"]}) if res.best_state is not None else None
+            model_bytes = _torch_bytes(checkpoints.payload(model, model_cfg, data.input_shape(), data.num_classes))
+            store.store(key, model_bytes, best_bytes,
+                        {"trained_in": str(run_dir.resolve()), "train_seconds": round(res.train_seconds, 3),
+                         "history": res.history, "best_val_acc": res.best_val_acc, "best_epoch": res.best_epoch,
+                         "key_material": material})
     return {"source": "trained", "key": key, "path": str(entry.resolve()), **info}, res
 
 

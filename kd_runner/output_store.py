@@ -12,7 +12,6 @@ An entry is the logits tensor, or ``{"logits": tensor, "feats": {tap: tensor}}``
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -84,14 +83,11 @@ def load_or_compute(root: Path, key: tuple[str, dict], compute: Callable[[Payloa
     Returns ``(payload, info)``; ``info["source"]`` is ``store`` or ``computed``."""
     key, material = key
     store = ModelStore(root)
-    main = distributed.is_main()  # data-parallel: rank 0 holds the lock and writes; every rank computes its shard
-    with store.locked(key) if main else contextlib.nullcontext():
-        stored = _load(store, key, where) if main else None
-        if distributed.broadcast_object(stored is not None) and not main:
-            stored = _load(store, key, where)
+    with store.locked(key):  # data-parallel: rank 0 claims the key, checks and writes; every rank computes its shard
+        stored = distributed.found_on_main(lambda: _load(store, key, where))
         logits = compute(stored)
         info = {"source": "store" if stored is not None else "computed", "key": key}
-        if stored is None and main:
+        if stored is None and distributed.is_main():
             folder = store.entry_dir(key)
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f".{OUTPUTS_FILE}.{os.getpid()}.tmp"

@@ -28,6 +28,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_runner.errors import UserError, choices
+from kd_runner.launch_env import data_parallel_launch
 
 EXIT_USER_ERROR = 2
 EXIT_CRASH = 1
@@ -548,23 +549,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return value
 
 
-def _launched_data_parallel() -> bool:
-    """Whether a launcher started this process as one of several (torchrun, a multi-task Slurm job); read from
-    the environment without importing torch, so a one-process kd-train starts as fast as before."""
-    def count(name: str) -> int:
-        value = os.environ.get(name, "")
-        return int(value) if value.isdigit() else 1
-
-    tasks = max(count("SLURM_NTASKS"), count("SUBMITIT_LOCAL_NTASKS")) if "SUBMITIT_EXECUTOR" in os.environ else 1
-    return count("WORLD_SIZE") > 1 or tasks > 1
-
-
 def _join_data_parallel() -> bool:
     """Join the run's process group when launched data-parallel (once); True on rank 0 (and in a one-process run).
 
     Ranks other than 0 agree on rank 0's start time and pid (the default run dir's name), print nothing to
     stdout and leave Hydra's own files and logs to rank 0."""
-    if not _launched_data_parallel():
+    if not data_parallel_launch():
         return True
     from kd_runner import distributed
 
@@ -580,7 +570,7 @@ def _join_data_parallel() -> bool:
 def _precheck_on_rank0(args: list[str], main_rank: bool) -> Path | None:
     """:func:`precheck` (which reads the run dir) on rank 0 alone; its verdict reaches every rank, which fail
     with it together."""
-    if not _launched_data_parallel():
+    if not data_parallel_launch():
         return precheck(args)
     from kd_runner import distributed
 
