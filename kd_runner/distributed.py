@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -136,23 +136,6 @@ def check_batch(name: str, batch_size: int) -> None:
         valid = [m * world() for m in range(max(1, batch_size // world()), batch_size // world() + 3)]
         raise UserError(f"{name}={batch_size} is the global batch and cannot be split over {world()} processes; "
                         f"use a multiple of {world()} (e.g. {', '.join(map(str, valid))})")
-
-
-def barrier() -> None:
-    if enabled():
-        dist.barrier()
-
-
-@contextlib.contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the body first (writes a cache, a store entry); the others run it after, reading what it wrote."""
-    if enabled() and not is_main():
-        dist.barrier()
-    try:
-        yield
-    finally:
-        if enabled() and is_main():
-            dist.barrier()
 
 
 def found_on_main(find: Callable[[], T | None], find_again: Callable[[], T | None] | None = None) -> T | None:
